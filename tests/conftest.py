@@ -1,0 +1,29 @@
+"""Test set-up: without CUDA, Triton kernels run on CPU tensors through the interpreter."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from rcgrpo_kernels._backends import backend_unavailable_reason  # noqa: E402
+
+
+def _device():
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@pytest.fixture
+def device():
+    return _device()
+
+
+def requires_backend(name: str):
+    """Skip marker naming why a backend cannot run here."""
+    reason = backend_unavailable_reason(name, _device() if name == "triton" else torch.device("cpu"))
+    return pytest.mark.skipif(reason is not None, reason=f"{name} backend unavailable: {reason}")
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
