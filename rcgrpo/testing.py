@@ -1,0 +1,139 @@
+"""A tiny, randomly initialised, fully offline FluxKontextPipeline for tests and demos.
+
+Every component is built from a config in code (no files, no hub): a 2+2-block Flux transformer,
+a two-level AutoencoderKL, tiny CLIP and T5 text encoders with in-code vocabularies. All modules
+are put in eval mode (constructors leave them in train mode, and T5 dropout would make runs differ).
+"""
+from __future__ import annotations
+
+import string
+
+import torch
+
+TINY_TEXT_LEN = 16  # T5 tokens used by the tiny pipeline (max_sequence_length)
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for bytes."""
+    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in visible:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def tiny_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _byte_level_alphabet():
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    tok.model_max_length = 77
+    return tok
+
+
+def tiny_t5_tokenizer():
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    for ch in string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation:
+        pieces.append((ch, -3.0))
+        pieces.append(("▁" + ch, -3.5))
+    tok = T5TokenizerFast(vocab=pieces, extra_ids=0)
+    tok.model_max_length = 512
+    return tok
+
+
+def tiny_kontext_pipeline(seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A FluxKontextPipeline with tiny random weights: 2 double + 2 single blocks, 2 heads × 16.
+
+    At 32×32 px the target image is 8×8 = 64 tokens of C = 16 channels (VAE factor 2, 2×2 packing),
+    the context image another 64, the text TINY_TEXT_LEN tokens. Deterministic in `seed`.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_tok = tiny_clip_tokenizer()
+    t5_tok = tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            out_channels=None,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=[4, 4, 8],
+            guidance_embeds=True,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=32,
+            shift_factor=0.0,
+            scaling_factor=1.0,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(clip_tok),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=32,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        )
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tok),
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                dropout_rate=0.0,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                                max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    for module in (transformer, vae, text_encoder, text_encoder_2):
+        module.eval()
+        module.requires_grad_(False)
+    pipe = FluxKontextPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if dtype != torch.float32 or torch.device(device).type != "cpu":
+        pipe = pipe.to(device=device, dtype=dtype)
+    return pipe
