@@ -20,8 +20,10 @@
 
 #if defined(__GNUC__)
 #define RC_INLINE inline __attribute__((always_inline))
+#define RC_RESTRICT __restrict__
 #else
 #define RC_INLINE inline
+#define RC_RESTRICT
 #endif
 
 namespace rcgrpo {
