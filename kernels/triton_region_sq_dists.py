@@ -130,15 +130,14 @@ def _region_sq_dists_bwd_kernel(
 _MAX_GRID_DIM1 = 65535
 # Under TRITON_INTERPRET=1 every tile iteration costs milliseconds: one fixed modest config, and
 # small candidate blocks so that modest test shapes exercise the multi-block paths.
-_INTERP_FWD_BLOCK_D, _INTERP_FWD_TILES, _INTERP_BWD_BLOCK_D = 128, 2, 128
-_INTERP_MAX_BLOCK_PAIRS, _INTERP_BWD_MAX_BLOCK_G = 64, 8
+_INTERP_FWD_BLOCK_D, _INTERP_FWD_TILES, _INTERP_BWD_BLOCK_D, _INTERP_BWD_MAX_BLOCK_G = 128, 2, 128, 8
 
 
-def _fwd_config(steps: int, group: int, anchors: int, dim: int, interpret: bool) -> dict:
-    """Block sizes for the forward. GPU: at most 64 (k, i) pairs per block so that the two
-    accumulators take ~128 fp32 registers per thread at 1 d-lane per thread; chunks sized so the
-    grid has >= ~1024 programs (memory-bound, H100 has 132 SMs)."""
-    max_pairs = 64
+def _fwd_config(steps: int, group: int, anchors: int, dim: int, wide_acc: bool, interpret: bool) -> dict:
+    """Block sizes for the forward. GPU: at most 64 (k, i) pairs per block (32 for float64) so that
+    the two accumulators take ~128 32-bit registers per thread at 1 d-lane per thread; chunks sized
+    so the grid has >= ~1024 programs (memory-bound, H100 has 132 SMs)."""
+    max_pairs = 32 if wide_acc else 64
     block_k = min(triton.next_power_of_2(anchors), 8)
     block_g = min(triton.next_power_of_2(group), max(1, max_pairs // block_k))
     if interpret:
@@ -172,6 +171,12 @@ def _acc(x: torch.Tensor):
     return (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
 
 
+def _store_dtype(dtype: torch.dtype, acc: torch.dtype, interpret: bool) -> torch.dtype:
+    """dtype the backward kernel writes dx/dy in. The interpreter casts fp32 -> bf16 by truncation
+    (GPUs round to nearest even), so under it bf16 results are written in fp32 and cast by torch."""
+    return acc if interpret and dtype == torch.bfloat16 else dtype
+
+
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -195,7 +200,7 @@ def region_sq_dists_fwd_triton(x: torch.Tensor, y: torch.Tensor, mask: torch.Ten
     _check_steps(steps)
     x, y, mask = _unit_last_stride(x), _unit_last_stride(y), mask.contiguous()
     acc_tl, acc_torch = _acc(x)
-    cfg = _fwd_config(steps, group, anchors, dim, triton_interpreter_enabled())
+    cfg = _fwd_config(steps, group, anchors, dim, acc_torch == torch.float64, triton_interpreter_enabled())
     n_chunks = cfg["n_chunks"]
     partial = torch.empty(steps, n_chunks, anchors, group, 2, dtype=acc_torch, device=x.device)
     with _device_ctx(x):
@@ -220,11 +225,12 @@ def region_sq_dists_bwd_triton(
     _check_steps(steps)
     x, y, mask, grad = _unit_last_stride(x), _unit_last_stride(y), mask.contiguous(), grad.contiguous()
     acc_tl, acc_torch = _acc(x)
-    cfg = _bwd_config(group, dim, triton_interpreter_enabled())
+    interpret = triton_interpreter_enabled()
+    cfg = _bwd_config(group, dim, interpret)
     n_gblocks = triton.cdiv(group, cfg["BLOCK_G"])
-    dx = torch.empty((steps, group, dim), dtype=x.dtype, device=x.device)
+    dx = torch.empty((steps, group, dim), dtype=_store_dtype(x.dtype, acc_torch, interpret), device=x.device)
     if n_gblocks == 1:
-        dy = torch.empty((steps, anchors, dim), dtype=y.dtype, device=y.device)
+        dy = torch.empty((steps, anchors, dim), dtype=_store_dtype(y.dtype, acc_torch, interpret), device=y.device)
         dy_target, dy_strides = dy, (dy.stride(0), 0, dy.stride(1))
     else:
         dy_target = torch.empty((steps, n_gblocks, anchors, dim), dtype=acc_torch, device=y.device)
@@ -240,5 +246,5 @@ def region_sq_dists_bwd_triton(
             num_warps=cfg["num_warps"],
         )
     if n_gblocks > 1:
-        dy = dy_target.sum(dim=1).to(y.dtype)
-    return dx, dy
+        dy = dy_target.sum(dim=1)
+    return dx.to(x.dtype), dy.to(y.dtype)
