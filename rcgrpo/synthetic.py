@@ -59,3 +59,14 @@ class SquareDataset:
 
     def __getitem__(self, idx: int) -> EditExample:
         return self.examples[idx]
+
+
+def redness_reward(edited, sources, masks, instructions, metadata):
+    """Demo task reward `[B]`: mean of R − (G + B)/2 over the edit region, in [−1, 1].
+
+    Signature of every rcgrpo reward: edited/sources `[B, 3, H, W]` in [0, 1], masks `[B, 1, H, W]`.
+    """
+    img = edited.float()
+    m = masks.float().to(img.device)[:, 0]
+    red = img[:, 0] - 0.5 * (img[:, 1] + img[:, 2])
+    return (red * m).sum((-1, -2)) / m.sum((-1, -2)).clamp_min(1e-6)
