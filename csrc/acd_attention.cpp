@@ -9,6 +9,7 @@
 // and every sum runs in a fixed order, so results do not depend on the number of threads.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -17,7 +18,7 @@
 namespace rcgrpo {
 namespace {
 
-constexpr int64_t QB = 32;  // query rows per task (pass 1) / per tile (pass 2)
+constexpr int64_t QB = 64;  // query rows per task (pass 1) / per tile (pass 2)
 constexpr int64_t KB = 64;  // keys per tile
 
 struct AttnArgs {
@@ -58,43 +59,185 @@ RC_INLINE void load_keys_transposed(const float* keys, int64_t nk, int64_t D, fl
     }
 }
 
-/// s[i][j] = Σ_d qs[i][d] kT[d][j] for i < nq and all KB columns (s is [QB][KB]).
-/// Outer-product form: the inner loop runs over contiguous keys, so it vectorizes without
-/// reassociating a reduction; every logit sums its D products in the same order.
-RC_INLINE void tile_scores(const float* qs, int64_t nq, const float* kT, int64_t D, float* s) {
-    int64_t i = 0;
-    for (; i + 2 <= nq; i += 2) {  // two rows share each load of a key row
-        float* s0 = s + i * KB;
-        float* s1 = s0 + KB;
-        const float* q0 = qs + i * D;
-        const float* q1 = q0 + D;
-        for (int64_t j = 0; j < KB; ++j) s0[j] = s1[j] = 0.0f;
+// Register-tiled matmuls of the two attention products:
+//   score_rows: s[r][j] = Σ_d qs[r][d] kT[d][j] for R rows and all KB keys (s is [R][KB]);
+//   pv_rows:    acc[r][d] += Σ_{j < nk} p[r][j] v[j][d] for R rows (p is [R][KB], v is [nk][D]).
+// Both keep an R x 16 accumulator tile in registers, load contiguous rows of kT / v, and sum every
+// output over d (resp. j) in one fixed order whichever tile computes it.
+#if defined(__GNUC__)
+// GCC/Clang generic vectors, lowered to the clone's ISA (2 x SSE or 1 x AVX per vector); plain
+// loops here get vectorized along the wrong axis.
+typedef float vec8 __attribute__((vector_size(32)));
+
+#define RC_LOAD8(dst, ptr) std::memcpy(&(dst), (ptr), sizeof(vec8))
+#define RC_STORE8(ptr, src) std::memcpy((ptr), &(src), sizeof(vec8))
+
+template <int R>
+RC_INLINE void score_rows(const float* qs, const float* kT, int64_t D, float* s) {
+    for (int64_t jb = 0; jb < KB; jb += 16) {
+        vec8 c0[R], c1[R];
+        for (int r = 0; r < R; ++r) c0[r] = c1[r] = vec8{};
         for (int64_t d = 0; d < D; ++d) {
-            const float a0 = q0[d];
-            const float a1 = q1[d];
-            const float* kr = kT + d * KB;
-            for (int64_t j = 0; j < KB; ++j) {
-                s0[j] += a0 * kr[j];
-                s1[j] += a1 * kr[j];
+            vec8 k0, k1;
+            RC_LOAD8(k0, kT + d * KB + jb);
+            RC_LOAD8(k1, kT + d * KB + jb + 8);
+            for (int r = 0; r < R; ++r) {
+                const float a = qs[r * D + d];
+                c0[r] += a * k0;
+                c1[r] += a * k1;
             }
         }
-    }
-    for (; i < nq; ++i) {
-        float* s0 = s + i * KB;
-        const float* q0 = qs + i * D;
-        for (int64_t j = 0; j < KB; ++j) s0[j] = 0.0f;
-        for (int64_t d = 0; d < D; ++d) {
-            const float a0 = q0[d];
-            const float* kr = kT + d * KB;
-            for (int64_t j = 0; j < KB; ++j) s0[j] += a0 * kr[j];
+        for (int r = 0; r < R; ++r) {
+            RC_STORE8(s + r * KB + jb, c0[r]);
+            RC_STORE8(s + r * KB + jb + 8, c1[r]);
         }
     }
 }
 
-RC_INLINE float max_of(const float* x, int64_t lo, int64_t hi) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = lo; j < hi; ++j) m = x[j] > m ? x[j] : m;
+template <int R>
+RC_INLINE void pv_rows(const float* p, const float* v, int64_t nk, int64_t D, float* acc) {
+    int64_t db = 0;
+    for (; db + 16 <= D; db += 16) {
+        vec8 c0[R], c1[R];
+        for (int r = 0; r < R; ++r) {
+            RC_LOAD8(c0[r], acc + r * D + db);
+            RC_LOAD8(c1[r], acc + r * D + db + 8);
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+            vec8 v0, v1;
+            RC_LOAD8(v0, v + j * D + db);
+            RC_LOAD8(v1, v + j * D + db + 8);
+            for (int r = 0; r < R; ++r) {
+                const float a = p[r * KB + j];
+                c0[r] += a * v0;
+                c1[r] += a * v1;
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            RC_STORE8(acc + r * D + db, c0[r]);
+            RC_STORE8(acc + r * D + db + 8, c1[r]);
+        }
+    }
+    for (; db + 8 <= D; db += 8) {
+        vec8 c0[R];
+        for (int r = 0; r < R; ++r) RC_LOAD8(c0[r], acc + r * D + db);
+        for (int64_t j = 0; j < nk; ++j) {
+            vec8 v0;
+            RC_LOAD8(v0, v + j * D + db);
+            for (int r = 0; r < R; ++r) c0[r] += p[r * KB + j] * v0;
+        }
+        for (int r = 0; r < R; ++r) RC_STORE8(acc + r * D + db, c0[r]);
+    }
+    for (; db < D; ++db) {  // the last D % 8 columns
+        for (int r = 0; r < R; ++r) {
+            float c = acc[r * D + db];
+            for (int64_t j = 0; j < nk; ++j) c += p[r * KB + j] * v[j * D + db];
+            acc[r * D + db] = c;
+        }
+    }
+}
+
+#undef RC_LOAD8
+#undef RC_STORE8
+#else
+template <int R>
+RC_INLINE void score_rows(const float* qs, const float* kT, int64_t D, float* s) {
+    for (int r = 0; r < R; ++r) {
+        float* row = s + r * KB;
+        for (int64_t j = 0; j < KB; ++j) row[j] = 0.0f;
+        for (int64_t d = 0; d < D; ++d) {
+            const float a = qs[r * D + d];
+            const float* kr = kT + d * KB;
+            for (int64_t j = 0; j < KB; ++j) row[j] += a * kr[j];
+        }
+    }
+}
+
+template <int R>
+RC_INLINE void pv_rows(const float* p, const float* v, int64_t nk, int64_t D, float* acc) {
+    for (int r = 0; r < R; ++r) {
+        float* row = acc + r * D;
+        for (int64_t j = 0; j < nk; ++j) {
+            const float a = p[r * KB + j];
+            for (int64_t d = 0; d < D; ++d) row[d] += a * v[j * D + d];
+        }
+    }
+}
+#endif
+
+RC_INLINE void tile_scores(const float* qs, int64_t nq, const float* kT, int64_t D, float* s) {
+    int64_t i = 0;
+    for (; i + 4 <= nq; i += 4) score_rows<4>(qs + i * D, kT, D, s + i * KB);
+    for (; i < nq; ++i) score_rows<1>(qs + i * D, kT, D, s + i * KB);
+}
+
+/// acc[i] += Σ_{j < nk} p[i][j] v[j] for i < nq.
+RC_INLINE void tile_pv(const float* p, int64_t nq, const float* v, int64_t nk, int64_t D, float* acc) {
+    int64_t i = 0;
+    for (; i + 4 <= nq; i += 4) pv_rows<4>(p + i * KB, v, nk, D, acc + i * D);
+    for (; i < nq; ++i) pv_rows<1>(p + i * KB, v, nk, D, acc + i * D);
+}
+
+/// exp(x) for the softmax arguments x <= 0 (any x <= 88 works): Cody-Waite reduction and the
+/// Cephes minimax polynomial, about 1 ulp; exactly 0 below -87 (and for -inf). Plain arithmetic,
+/// so loops calling it vectorize (std::exp would be a scalar libm call per element).
+RC_INLINE float exp_approx(float x) {
+    const float xc = std::min(std::max(x, -87.0f), 88.0f);
+    const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    const float n = (xc * 1.44269504088896341f + round_magic) - round_magic;
+    float r = xc - n * 0.693359375f;  // ln 2 split in a high part exact in float ...
+    r = r - n * -2.12194440e-4f;      // ... and the low rest
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+constexpr int64_t LANES = 8;  // independent partial max / sum accumulators
+
+/// max of x[lo:hi].
+RC_INLINE float range_max(const float* x, int64_t lo, int64_t hi) {
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    float lane[LANES];
+    for (int64_t l = 0; l < LANES; ++l) lane[l] = neg_inf;
+    int64_t j = lo;
+    for (; j + LANES <= hi; j += LANES) {
+        for (int64_t l = 0; l < LANES; ++l) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];
+    }
+    for (int64_t l = 0; j < hi; ++j, ++l) lane[l] = x[j] > lane[l] ? x[j] : lane[l];
+    float m = lane[0];
+    for (int64_t l = 1; l < LANES; ++l) m = lane[l] > m ? lane[l] : m;
     return m;
+}
+
+/// Σ_{j in [lo, hi)} exp(x[j] - m); with `store`, also x[j] = exp(x[j] - m).
+template <bool store>
+RC_INLINE float range_exp_sum(float* x, int64_t lo, int64_t hi, float m) {
+    float lane[LANES];
+    for (int64_t l = 0; l < LANES; ++l) lane[l] = 0.0f;
+    int64_t j = lo;
+    for (; j + LANES <= hi; j += LANES) {
+        for (int64_t l = 0; l < LANES; ++l) {
+            const float p = exp_approx(x[j + l] - m);
+            if (store) x[j + l] = p;
+            lane[l] += p;
+        }
+    }
+    for (int64_t l = 0; j < hi; ++j, ++l) {
+        const float p = exp_approx(x[j] - m);
+        if (store) x[j] = p;
+        lane[l] += p;
+    }
+    float sum = 0.0f;
+    for (int64_t l = 0; l < LANES; ++l) sum += lane[l];
+    return sum;
 }
 
 /// Pass 1: rows [r0, r0 + QB) of head (b, h).
@@ -132,44 +275,31 @@ RC_CLONES void attention_task(const AttnArgs& a, int64_t task, float* scratch) {
         const int64_t nk = std::min(KB, N - k0);
         load_keys_transposed(kh + k0 * D, nk, D, kT);
         tile_scores(qs, nq, kT, D, s);
+        if (nk < KB) {  // padding keys of the last tile get probability 0
+            for (int64_t i = 0; i < nq; ++i) {
+                for (int64_t j = nk; j < KB; ++j) s[i * KB + j] = neg_inf;
+            }
+        }
         const int64_t j0 = std::clamp<int64_t>(img_lo - k0, 0, nk);
         const int64_t j1 = std::clamp<int64_t>(img_hi - k0, 0, nk);
         for (int64_t i = 0; i < nq; ++i) {
             float* srow = s + i * KB;
             if (i < n_text && j0 < j1) {  // image-only log-sum-exp of a text query row
-                const float m_new = std::max(mi[i], max_of(srow, j0, j1));
-                float sum = 0.0f;
-                for (int64_t j = j0; j < j1; ++j) sum += std::exp(srow[j] - m_new);
+                const float m_new = std::max(mi[i], range_max(srow, j0, j1));
+                const float sum = range_exp_sum<false>(srow, j0, j1, m_new);
                 li[i] = li[i] * std::exp(mi[i] - m_new) + sum;
                 mi[i] = m_new;
             }
-            const float m_new = std::max(m[i], max_of(srow, 0, nk));
+            const float m_new = std::max(m[i], range_max(srow, 0, KB));
             const float alpha = std::exp(m[i] - m_new);
-            float sum = 0.0f;
-            for (int64_t j = 0; j < nk; ++j) {
-                const float p = std::exp(srow[j] - m_new);
-                srow[j] = p;
-                sum += p;
-            }
-            l[i] = l[i] * alpha + sum;
+            l[i] = l[i] * alpha + range_exp_sum<true>(srow, 0, KB, m_new);
             m[i] = m_new;
-            float* ai = acc + i * D;
             if (alpha != 1.0f) {
+                float* ai = acc + i * D;
                 for (int64_t d = 0; d < D; ++d) ai[d] *= alpha;
             }
-            int64_t j = 0;
-            for (; j + 2 <= nk; j += 2) {  // two value rows per pass over the accumulator
-                const float p0 = srow[j], p1 = srow[j + 1];
-                const float* v0 = vh + (k0 + j) * D;
-                const float* v1 = v0 + D;
-                for (int64_t d = 0; d < D; ++d) ai[d] += p0 * v0[d] + p1 * v1[d];
-            }
-            for (; j < nk; ++j) {
-                const float p0 = srow[j];
-                const float* v0 = vh + (k0 + j) * D;
-                for (int64_t d = 0; d < D; ++d) ai[d] += p0 * v0[d];
-            }
         }
+        tile_pv(s, nq, vh + k0 * D, nk, D, acc);
     }
 
     float* out = a.out + base + r0 * D;
@@ -205,7 +335,7 @@ RC_CLONES void mass_task(const AttnArgs& a, int64_t task, float* scratch, double
             const float c = lse[r0 + i];
             const float wi = w ? w[r0 + i] : 1.0f;
             const float* srow = s + i * KB;
-            for (int64_t j = 0; j < nu; ++j) buf[j] += static_cast<double>(wi * std::exp(srow[j] - c));
+            for (int64_t j = 0; j < nu; ++j) buf[j] += static_cast<double>(wi * exp_approx(srow[j] - c));
         }
     }
     double* hm = a.head_mass + bh * a.image_len + u0;

@@ -9,11 +9,12 @@
 #include <omp.h>
 #endif
 
-// Hot per-task functions are compiled twice (AVX2+FMA and the baseline ISA) and picked at load
-// time, since setup.py builds for the baseline x86-64 target. Helpers they call are force-inlined
-// so that they are compiled for the clone's ISA too.
+// Hot per-task functions are compiled twice (x86-64-v3, i.e. AVX2+FMA, and the baseline ISA)
+// and picked at load time by CPU features, since setup.py builds for the baseline x86-64 target
+// ("arch=haswell" would dispatch on that CPU model only). Helpers they call are force-inlined so
+// that they are compiled for the clone's ISA too.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RC_CLONES __attribute__((target_clones("arch=haswell", "default"), noinline))
+#define RC_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), noinline))
 #else
 #define RC_CLONES
 #endif
