@@ -1,0 +1,136 @@
+"""The training report: reward curve, before/after edits and ACD heatmaps of held-out examples."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def read_metrics(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            rows.append(json.loads(line))
+    return rows
+
+
+def plot_reward_curve(metrics: list[dict], path) -> Path | None:
+    """PNG of the mean task reward (and ACD) per step."""
+    if not metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    reward = [m.get("reward_mean") for m in metrics]
+    axes[0].plot(steps, reward, lw=1, alpha=0.5, label="per step")
+    window = max(1, len(reward) // 10)
+    if len(reward) >= window:
+        smooth = [sum(reward[max(0, i - window + 1) : i + 1]) / len(reward[max(0, i - window + 1) : i + 1])
+                  for i in range(len(reward))]
+        axes[0].plot(steps, smooth, lw=2, label=f"moving mean ({window})")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("task reward (group mean)")
+    axes[0].legend(fontsize=8)
+    acd = [m.get("acd_mean") for m in metrics]
+    if any(a is not None for a in acd):
+        axes[1].plot(steps, [a if a is not None else float("nan") for a in acd], color="tab:red", lw=1)
+        axes[1].set_ylabel("ACD (mean)")
+    drift = [m.get("background_drift") for m in metrics]
+    ax2 = axes[1].twinx()
+    ax2.plot(steps, [d if d is not None else float("nan") for d in drift], color="tab:gray", lw=1)
+    ax2.set_ylabel("background drift (latent MSE)")
+    axes[1].set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+@torch.no_grad()
+def write_training_report(trainer, *, before: float | None, after: float | None, seconds: float,
+                          max_examples: int = 4) -> Path:
+    """`output_dir/report/`: reward_curve.png, before_after.png, acd_*.png and report.md."""
+    from .images import image_grid, save_image
+    from .trainer import _resize_example, as_edit_example
+
+    out = trainer.output_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = read_metrics(trainer.output_dir / "metrics.jsonl")
+    plot_reward_curve(metrics, out / "reward_curve.png")
+    dataset = trainer.eval_dataset if trainer.eval_dataset is not None and len(trainer.eval_dataset) else trainer.train_dataset
+    tiles, rows = [], []
+    size = trainer.config.resolution
+    for index in range(min(max_examples, len(dataset))):
+        image, mask, instruction, example_id, _ = as_edit_example(dataset[index], index)
+        if image.shape[1] != size or image.shape[2] != size:
+            image, mask = _resize_example(image, mask, size)
+        trainer.transformer.disable_adapters()
+        try:
+            base_img, base_reward = trainer.edit_example(dataset[index], index)
+        finally:
+            trainer.transformer.enable_adapters()
+        tuned_img, tuned_reward = trainer.edit_example(dataset[index], index)
+        tiles += [image, base_img, tuned_img]
+        rows.append((example_id, instruction, base_reward, tuned_reward))
+        if trainer.recorder is not None:
+            _heatmap(trainer, dataset[index], index, image, mask, out / f"acd_{example_id}.png")
+    if tiles:
+        save_image(image_grid(tiles, columns=3), out / "before_after.png")
+    lines = [
+        "# RC-GRPO training report",
+        "",
+        f"- steps: {trainer.step}, training time: {seconds:.1f} s",
+        f"- held-out task reward: before {_fmt(before)}, after {_fmt(after)}",
+        f"- config: perturbation={trainer.config.perturbation}, G={trainer.config.group_size}, "
+        f"B={trainer.config.num_anchors}, T={trainer.config.num_inference_steps}, w_acd={trainer.config.w_acd}, "
+        f"lr={trainer.config.learning_rate}",
+        "",
+        "![reward curve](reward_curve.png)",
+        "",
+        "Before/after edits (columns: source, base model, base + LoRA):",
+        "",
+        "![before and after](before_after.png)",
+        "",
+        "| example | instruction | reward before | reward after |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {eid} | {instr} | {b:.4f} | {a:.4f} |" for eid, instr, b, a in rows]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _heatmap(trainer, item, index, image, mask, path):
+    from .masks import token_mask_for_image
+    from .rollout import latent_shape, rollout
+
+    cfg = trainer.config
+    size = cfg.resolution
+    token_mask = token_mask_for_image(mask, size, size, trainer.pipe.vae_scale_factor)
+    n_img, channels = latent_shape(trainer.pipe, size, size)
+    noise = torch.randn((1, n_img, channels), generator=torch.Generator().manual_seed(12345 + index))
+    dtype = trainer.transformer.dtype
+    from .trainer import as_edit_example
+
+    instruction = as_edit_example(item, index)[2]
+    with trainer.recorder.capture(token_mask.to(trainer.device)) as cap:
+        rollout(trainer.pipe, image[None].to(trainer.device, dtype), instruction, noise.to(trainer.device, dtype),
+                num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, height=size, width=size,
+                max_sequence_length=cfg.max_sequence_length, decode=False)
+    trainer.recorder.heatmap(image, path, capture=cap, mask=mask)
+
+
+def _fmt(value):
+    return "n/a" if value is None else f"{value:.4f}"
