@@ -193,7 +193,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(
         model="tiny", dataset="squares", resolution=32, max_sequence_length=16, group_size=8, groups_per_step=2,
         num_inference_steps=4, num_anchors=4, reward_funcs=["redness", "background_psnr"], reward_weights=[1.0, 0.002],
-        w_acd=0.5, acd_layers=10, lora_rank=8, lora_alpha=8.0, learning_rate=1e-2, max_steps=80, train_size=16,
+        w_acd=0.5, acd_layers=4, lora_rank=8, lora_alpha=8.0, learning_rate=1e-2, max_steps=80, train_size=16,
         eval_size=8, checkpoint_every=20, sample_every=20, max_grad_norm=1.0, alpha_edit=0.5,
     ),
     # One H100: FLUX.1-Kontext-dev at 512 px (see the README recipe).
