@@ -16,6 +16,7 @@ size N×N or T×I×H is allocated; the only scratch is lse_img.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -42,14 +43,13 @@ if triton_interpreter_enabled():
     _LSE_CONFIGS = [_cfg(1, 1, BLOCK_M=16, BLOCK_N=16)]
     _MASS_CONFIGS = [_cfg(1, 1, BLOCK_U=16, BLOCK_V=16)]
 else:
+    # Hopper wgmma wants ≥ 64 query rows per warpgroup; BLOCK_M=64 with 4 warps fits D=256.
     _FWD_CONFIGS = [
         _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128),
-        _cfg(4, 3, BLOCK_M=128, BLOCK_N=64),
-        _cfg(4, 4, BLOCK_M=128, BLOCK_N=32),
+        _cfg(8, 4, BLOCK_M=128, BLOCK_N=64),
         _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
         _cfg(4, 2, BLOCK_M=64, BLOCK_N=32),
-        _cfg(4, 2, BLOCK_M=32, BLOCK_N=32),
+        _cfg(4, 2, BLOCK_M=64, BLOCK_N=16),  # fp32 with D=256
     ]
     _LSE_CONFIGS = [
         _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
@@ -67,20 +67,26 @@ else:
     ]
 
 
-def _prune(resident: str, streamed: str, n_streamed: int):
-    """Drop configs whose tiles would not fit in shared memory (or whose fp32 accumulator of
-    `resident × D` would spill badly); keep the smallest one if none fits."""
+def _prune(resident: str, streamed: str, n_streamed: int, acc: bool):
+    """Drop configs whose pipelined tiles would not fit in shared memory, or (acc) whose fp32
+    `resident × D` accumulator needs over 128 registers a thread. Configs streaming tiles of
+    fewer than 32 rows are only a fallback; the smallest config is the last resort."""
 
     def prune(configs, named_args, **kwargs):
         head_dim = named_args["HEAD_DIM"] if "HEAD_DIM" in named_args else kwargs["HEAD_DIM"]
         elt = named_args["Q"].element_size()
+        copies = 2 if elt == 4 else 1  # 3xTF32 dots keep a second copy of the resident tile
 
         def smem(c):
             kw = c.kwargs
-            return elt * head_dim * (kw[resident] + max(c.num_stages, 1) * n_streamed * kw[streamed])
+            return elt * head_dim * (copies * kw[resident] + max(c.num_stages, 1) * n_streamed * kw[streamed])
 
-        keep = [c for c in configs if smem(c) <= _SMEM_BUDGET and c.kwargs[resident] * head_dim <= 128 * 128]
-        return keep or [min(configs, key=smem)]
+        def acc_regs(c):
+            return c.kwargs[resident] * head_dim // (32 * c.num_warps) if acc else 0
+
+        fits = [c for c in configs if smem(c) <= _SMEM_BUDGET and acc_regs(c) <= 128]
+        wide = [c for c in fits if c.kwargs[streamed] >= 32]
+        return wide or fits or [min(configs, key=smem)]
 
     return prune
 
@@ -161,7 +167,7 @@ def _attn_range(
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=_FWD_CONFIGS, key=["N_CTX", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", 2)})
+@triton.autotune(configs=_FWD_CONFIGS, key=["N_CTX", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", 2, True)})
 @triton.jit
 def _acd_fwd_kernel(
     Q, K, V, Out, LseImg,
@@ -224,7 +230,7 @@ def _acd_fwd_kernel(
         tl.store(LseImg + b * stride_lb + h * stride_lh + offs_m, m_img + tl.log2(l_img), mask=offs_m < text_len)
 
 
-@triton.autotune(configs=_LSE_CONFIGS, key=["text_len", "image_len", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", 1)})
+@triton.autotune(configs=_LSE_CONFIGS, key=["text_len", "image_len", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune("BLOCK_M", "BLOCK_N", 1, False)})
 @triton.jit
 def _image_lse_kernel(
     Q, K, LseImg,
@@ -249,19 +255,21 @@ def _image_lse_kernel(
     row_ok = offs_m < text_len
     q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
-    unused_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    unused_m = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # The output accumulator and full-row statistics are dead here (ACC_OUT=False).
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_img = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_img = tl.zeros([BLOCK_M], dtype=tl.float32)
-    unused_acc, unused_m, unused_m, m_img, l_img = _attn_range(
-        unused_acc, unused_m, unused_m, m_img, l_img, q, K, K, stride_kn, stride_kn,
+    acc, m_i, l_i, m_img, l_img = _attn_range(
+        acc, m_i, l_i, m_img, l_img, q, K, K, stride_kn, stride_kn,
         text_len, text_len + image_len, qk_scale, offs_n, offs_d,
         BLOCK_M, BLOCK_N, False, True, DOT_FP32, PRECISION,
     )
     tl.store(LseImg + b * stride_lb + h * stride_lh + offs_m, m_img + tl.log2(l_img), mask=row_ok)
 
 
-@triton.autotune(configs=_MASS_CONFIGS, key=["text_len", "image_len", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune("BLOCK_U", "BLOCK_V", 1)})
+@triton.autotune(configs=_MASS_CONFIGS, key=["text_len", "image_len", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune("BLOCK_U", "BLOCK_V", 1, False)})
 @triton.jit
 def _acd_mass_kernel(
     Q, K, LseImg, W, Mass,
@@ -316,10 +324,11 @@ def _check_head_dim(head_dim: int) -> None:
 
 
 def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
-    """(DOT_FP32, PRECISION): upcast under the interpreter; fp32 inputs use IEEE dots, not TF32."""
-    interpreting = triton_interpreter_enabled()
-    precision = "ieee" if (dtype == torch.float32 or interpreting) else "tf32"
-    return interpreting, precision
+    """(DOT_FP32, PRECISION): upcast under the interpreter (which computes exact fp32 dots). fp32
+    inputs on the GPU use 3xTF32 (about fp32 accuracy on tensor cores; "ieee" dots spill)."""
+    if triton_interpreter_enabled():
+        return True, "ieee"
+    return False, ("tf32x3" if dtype == torch.float32 else "tf32")
 
 
 def _launch_fused(q, k, v, out, lse_img, text_len, image_len, qk_scale):
@@ -400,7 +409,7 @@ def acd_attention_triton(q, k, v, text_len, image_len, scale, text_weights=None,
 
     lse_img = torch.empty(batch, heads, text_len, device=q.device, dtype=torch.float32)
     mass = torch.empty(batch, image_len, device=q.device, dtype=torch.float32)
-    with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if mode == "fused":
             out = torch.empty_like(q)
             _launch_fused(q, k, v, out, lse_img, text_len, image_len, qk_scale)
@@ -409,14 +418,6 @@ def acd_attention_triton(q, k, v, text_len, image_len, scale, text_weights=None,
             _launch_image_lse(q, k, lse_img, text_len, image_len, qk_scale)
         _launch_mass(q, k, lse_img, weights, mass, text_len, image_len, qk_scale)
     return out, mass
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["acd_attention_triton"]
