@@ -18,7 +18,10 @@ mask or ground truth is not found under the exact name, the same name with a `.p
 `CompBenchDataset(root)` validates every file up front (existence, readability of the header, matching
 sizes) and raises `CompBenchError` (a ValueError) naming the file and the example. `dataset[i]` is a
 `CompBenchExample` with the source image and mask loaded; it is usable as the trainer's dataset
-(`len`, indexing, `example.to_dict()`) and by `rcgrpo.evaluation`.
+(`len`, indexing; an example has `image` `[3, H, W]`, `mask` `[H, W]`, `instruction`, `id` and
+`metadata` with `caption` and `reference` (the ground-truth path, for LC-I)) and by
+`rcgrpo.evaluation`. For training at a fixed size pass `resolution=`; without ground truths,
+`require_ground_truth=False`.
 """
 from __future__ import annotations
 
@@ -88,6 +91,20 @@ class CompBenchExample:
     def prompt(self) -> str:
         return self.instruction
 
+    @property
+    def image(self) -> torch.Tensor:
+        """The source image as `[3, H, W]` float in [0, 1] (what the trainer reads)."""
+        return self.source_tensor()
+
+    @property
+    def example_id(self) -> str:
+        return self.id
+
+    @property
+    def metadata(self) -> dict:
+        """The per-example metadata rewards read (see `reward_metadata`)."""
+        return self.reward_metadata()
+
     def source_tensor(self) -> torch.Tensor:
         """`[3, H, W]` float in [0, 1]."""
         return torch.from_numpy(np.asarray(self.source, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
@@ -104,9 +121,11 @@ class CompBenchExample:
                 "reference": str(self.ground_truth_path) if self.ground_truth_path else None, **self.extra}
 
     def to_dict(self) -> dict:
-        """`{"id", "task", "image", "mask", "prompt", "instruction", "caption", "ground_truth_path",
-        "metadata"}` (image: PIL, mask: `[H, W]` tensor)."""
-        return {"id": self.id, "task": self.task, "image": self.source, "mask": self.mask,
+        """`{"id", "task", "image", "source_image", "mask", "prompt", "instruction", "caption",
+        "ground_truth_path", "metadata"}` (image: `[3, H, W]` tensor in [0, 1], source_image: PIL,
+        mask: `[H, W]` tensor)."""
+        return {"id": self.id, "task": self.task, "image": self.source_tensor(), "source_image": self.source,
+                "mask": self.mask,
                 "prompt": self.instruction, "instruction": self.instruction, "caption": self.caption,
                 "ground_truth_path": self.ground_truth_path, "metadata": self.reward_metadata()}
 

@@ -492,8 +492,9 @@ def evaluate(data, output_dir, *, pipeline=None, model: str | None = None, tiny:
         gt = example.load_ground_truth() if rec.ground_truth_path is not None else None
         metrics = compute_example_metrics(example.source, edited, mask_img, gt, [rec.caption], size=eval_size,
                                           clip=clip_enc, lpips=lpips_fn, device=dev)
-        per_example.append({"id": rec.id, "task": rec.task, "output": str(out_file),
-                            **{k: metrics.get(k) for k in METRICS}})
+        values = {k: metrics.get(k) for k in METRICS}
+        values = {k: (None if v is None or math.isnan(v) else v) for k, v in values.items()}  # JSON has no NaN
+        per_example.append({"id": rec.id, "task": rec.task, "output": str(out_file), **values})
     log(f"scored {len(per_example)} example(s) in {time.time() - start:.1f} s")
 
     per_task = {}
@@ -567,7 +568,10 @@ def _load_pipeline(model: str | None, tiny: bool, device):
 def _fmt(metric: str, value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{value:.2f}" if metric in ("LC-T", "PSNR") else f"{value:.3f}"
+    digits = 2 if metric in ("LC-T", "PSNR") else 3
+    if round(value, digits) == 0:
+        value = 0.0  # no "-0.000"
+    return f"{value:.{digits}f}"
 
 
 def format_markdown(results: dict) -> str:

@@ -50,8 +50,11 @@ def test_loader_reads_the_official_layout(bench):
     assert ex.instruction.startswith("Add a") and ex.caption and ex.prompt == ex.instruction
     assert ex.ground_truth_path == bench / "tasks" / "add" / "edited_image" / ex.image_path
     assert ex.source_tensor().shape == (3, 32, 32)
+    # what the trainer reads: image [3, H, W], mask [H, W], instruction, id, metadata
+    assert torch.equal(ex.image, ex.source_tensor()) and ex.example_id == ex.id
+    assert ex.metadata["reference"] == str(ex.ground_truth_path) and ex.metadata["task"] == "add"
     d = ex.to_dict()
-    assert d["image"] is ex.source and d["prompt"] == ex.instruction
+    assert torch.equal(d["image"], ex.image) and d["source_image"] is ex.source and d["prompt"] == ex.instruction
     assert d["metadata"]["reference"] == str(ex.ground_truth_path) and d["metadata"]["caption"] == ex.caption
     assert ex.load_ground_truth().size == (32, 32)
     # the tasks folder itself, a task subset, a limit, a resolution
