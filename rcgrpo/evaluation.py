@@ -378,7 +378,8 @@ def _build_lpips(lpips_net, lpips_weights, device, strict: bool) -> tuple[Callab
     try:
         return _torchmetrics_lpips(device), None, "squeeze (torchmetrics)"
     except Exception as exc:  # noqa: BLE001 - any failure to build it means "unavailable"
-        reason = (f"torchmetrics' LPIPS (squeeze) could not be built: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+        first = str(exc).splitlines()[0].rstrip(". ") if str(exc).strip() else type(exc).__name__
+        reason = (f"torchmetrics' LPIPS (squeeze) could not be built: {first}; "
                   "it needs torchvision and its ImageNet SqueezeNet weights, or pass --lpips-weights FILE.safetensors")
         if strict:
             raise WeightsUnavailableError(reason) from None
