@@ -57,10 +57,17 @@ def acd_attention(
             f"{OP} is forward-only: q, k, v require grad; call it under torch.no_grad() "
             "(the ACD processor falls back to the stock attention when gradients are enabled)"
         )
+    requested = backend
     backend = resolve_backend(backend, q.device, OP)
+    if requested == "auto" and backend == "triton" and not _triton_head_dim_ok(q.shape[-1]):
+        backend = "torch"  # the Triton kernels need a power-of-two head_dim in 16..256
     return torch.ops.rcgrpo.acd_attention(
         q, k, v, int(text_len), int(image_len), scale, text_weights, backend, mode
     )
+
+
+def _triton_head_dim_ok(head_dim: int) -> bool:
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
 def _validate(q, k, v, text_len, image_len, scale, text_weights, mode) -> float:

@@ -93,7 +93,7 @@ def build_datasets(config: RCGRPOConfig):
         return train, held_out
     from .compbench import CompBenchDataset
 
-    data = CompBenchDataset(config.dataset)
+    data = CompBenchDataset(config.dataset, resolution=config.resolution, require_ground_truth=False)
     n_eval = min(config.eval_size, max(len(data) - 1, 0))
     return _Subset(data, range(n_eval, len(data))), _Subset(data, range(n_eval))
 

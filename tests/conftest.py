@@ -1,7 +1,11 @@
 """Test set-up: without CUDA, Triton kernels run on CPU tensors through the interpreter."""
 import os
 
-import torch
+# Tests never touch the network: model hubs are offline (weights are built in code or absent).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
