@@ -1,0 +1,169 @@
+"""One GRPO iteration end to end: `RCGRPOTrainer.train_step()` on the tiny preset with w_acd on.
+
+Each round is one full iteration (RDP rollouts with ACD capture, rewards, standardization, surrogate
+update of the LoRA). Providers set both op backends of the config:
+    kernels    acd_backend = distance_backend = "auto" (Triton on CUDA, C++ on CPU when built)
+    torch_ref  acd_backend = distance_backend = "torch"
+During the timed rounds the op implementations are wrapped with timers (inside this benchmark only,
+via monkeypatch), which gives the time share of the ACD attention calls and of region_sq_dists
+(forward and backward) in extra_info. On CUDA the timers synchronize around each op call, so shares
+are exact attributions but the step itself gets slightly slower than without the timers.
+`acd_overhead_share_est` compares the ACD calls with SDPA timed on the same call shapes afterwards:
+the part of the step that ACD adds over plain attention.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import providers
+import telemetry
+
+E2E_PROVIDERS = {"torch_ref": "torch", "kernels": "auto"}  # baseline first
+
+
+def _loaded(basename: str, attr: str) -> list:
+    found = [m for name, m in list(sys.modules.items())
+             if name.rsplit(".", 1)[-1] == basename and name.split(".")[0] in ("rcgrpo_kernels", "kernels")
+             and hasattr(m, attr)]
+    if not found:
+        raise RuntimeError(f"no loaded module {basename!r} with {attr!r} to time")
+    return found
+
+
+class OpTimers:
+    """Wraps `_run_backend` of acd_attention and `_forward`/`_backward` of region_sq_dists."""
+
+    def __init__(self, monkeypatch, device: torch.device):
+        self.device = device
+        self.sync = providers.synchronizer(device)
+        self.enabled = False
+        self.seconds = collections.Counter()
+        self.calls = collections.Counter()
+        self.backends: dict[str, set] = collections.defaultdict(set)
+        self.acd_shapes = collections.Counter()
+        # Every loaded copy of the op modules: when the repo root is on sys.path (python -m pytest
+        # from the root), transformers' probe for the Hugging Face `kernels` package imports
+        # kernels/ a second time as `kernels`, and that copy's registration serves torch.ops.rcgrpo.
+        for module in _loaded("acd_attention", "_run_backend"):
+            monkeypatch.setattr(module, "_run_backend", self._wrap("acd_attention", module._run_backend, 7))
+        for module in _loaded("region_sq_dists", "_forward"):
+            monkeypatch.setattr(module, "_forward", self._wrap("region_sq_dists_fwd", module._forward, 3))
+            monkeypatch.setattr(module, "_backward", self._wrap("region_sq_dists_bwd", module._backward, 4))
+
+    def _wrap(self, key, fn, backend_arg):
+        def timed(*args, **kwargs):
+            if not self.enabled:
+                return fn(*args, **kwargs)
+            self.sync()
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            self.sync()
+            self.seconds[key] += time.perf_counter() - start
+            self.calls[key] += 1
+            self.backends[key].add(args[backend_arg])
+            if key == "acd_attention":
+                q = args[0]
+                self.acd_shapes[(tuple(q.shape), q.dtype)] += 1
+            return result
+        return timed
+
+    def sdpa_equivalent_s(self, reps: int = 5) -> float:
+        """Total time SDPA takes on the recorded ACD call shapes (same counts)."""
+        total = 0.0
+        for (shape, dtype), count in self.acd_shapes.items():
+            q, k, v = (torch.randn(shape, device=self.device, dtype=dtype) for _ in range(3))
+            with torch.no_grad():
+                F.scaled_dot_product_attention(q, k, v)
+                self.sync()
+                start = time.perf_counter()
+                for _ in range(reps):
+                    F.scaled_dot_product_attention(q, k, v)
+                self.sync()
+            total += (time.perf_counter() - start) / reps * count
+        return total
+
+
+def _build_trainer(backend: str, output_dir):
+    from rcgrpo.config import preset
+    from rcgrpo.testing import tiny_kontext_pipeline
+    from rcgrpo.train import build_datasets, resolve_reward_funcs
+    from rcgrpo.trainer import RCGRPOTrainer
+
+    config = preset("tiny", output_dir=str(output_dir), acd_backend=backend, distance_backend=backend,
+                    device="cuda" if providers.bench_device().type == "cuda" else "cpu")
+    assert config.w_acd > 0, "the tiny preset must have ACD on for this benchmark"
+    train, held_out = build_datasets(config)
+    trainer = RCGRPOTrainer(tiny_kontext_pipeline(), config, resolve_reward_funcs(config), train, held_out)
+    return trainer, config
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("provider", list(E2E_PROVIDERS))
+def test_grpo_iteration(benchmark, bench_session, bench_device, monkeypatch, tmp_path, provider):
+    pytest.importorskip("diffusers", reason="the end-to-end benchmark needs diffusers")
+    backend = E2E_PROVIDERS[provider]
+    trainer, config = _build_trainer(backend, tmp_path / provider)
+    benchmark.group = (f"grpo_iteration tiny: G={config.group_size} groups={config.groups_per_step} "
+                       f"T={config.num_inference_steps} {config.resolution}px w_acd={config.w_acd}")
+    timers = OpTimers(monkeypatch, bench_device)
+    sync = providers.synchronizer(bench_device)
+    step_metrics: list[dict] = []
+
+    def step():
+        metrics = trainer.train_step()
+        trainer.step += 1
+        sync()
+        step_metrics.append(metrics)
+        return metrics
+
+    step()  # first iteration: lazy initialisation, kernel compilation/autotuning
+    if bench_device.type == "cuda":
+        mem = {"peak_mem_mb": providers.cuda_peak_mb(step, bench_device), "peak_mem_method": providers.CUDA_MEM_METHOD}
+    else:
+        mb, method = providers.rss_peak_growth_mb(step)
+        mem = {"peak_mem_mb": mb, "peak_mem_method": f"in-process {method} over one train_step "
+               "(approximate: memory freed by earlier steps may be reused without RSS growth)"}
+    step_metrics.clear()
+    timers.enabled = True
+    rounds = int(os.environ.get("RCGRPO_BENCH_E2E_ROUNDS", "3"))
+    with telemetry.NvmlSampler(bench_device) as nvml:
+        median = providers.run_benchmark(benchmark, step, bench_device, rounds=rounds, warmup_rounds=0,
+                                         prewarm=False)
+    timers.enabled = False
+
+    n = max(len(step_metrics), 1)
+    step_mean = sum(m["time_s"] for m in step_metrics) / n
+    acd_s = timers.seconds["acd_attention"] / n
+    fwd_s = timers.seconds["region_sq_dists_fwd"] / n
+    bwd_s = timers.seconds["region_sq_dists_bwd"] / n
+    sdpa_s = timers.sdpa_equivalent_s() / n
+    extra = {
+        "op": "grpo_iteration",
+        "config": {k: getattr(config, k) for k in ("group_size", "groups_per_step", "num_inference_steps",
+                                                       "resolution", "num_anchors", "acd_layers", "w_acd",
+                                                       "acd_backend", "distance_backend")},
+        "backends_used": {k: sorted(v) for k, v in timers.backends.items()},
+        "steps_timed": len(step_metrics),
+        "step_mean_s": step_mean,
+        "rollout_share": sum(m["rollout_time_s"] for m in step_metrics) / n / step_mean if step_mean else None,
+        "acd_attention_calls_per_step": timers.calls["acd_attention"] / n,
+        "acd_attention_s_per_step": acd_s,
+        "acd_attention_share": acd_s / step_mean if step_mean else None,
+        "sdpa_equivalent_s_per_step": sdpa_s,
+        "acd_overhead_share_est": (acd_s - sdpa_s) / step_mean if step_mean else None,
+        "region_sq_dists_calls_per_step": (timers.calls["region_sq_dists_fwd"] + timers.calls["region_sq_dists_bwd"]) / n,
+        "region_sq_dists_fwd_s_per_step": fwd_s,
+        "region_sq_dists_bwd_s_per_step": bwd_s,
+        "region_sq_dists_share": (fwd_s + bwd_s) / step_mean if step_mean else None,
+        "share_basis": "op time summed over the timed train_step calls / the steps' own time_s",
+        "telemetry": nvml.summary(),
+    }
+    extra.update(mem)
+    bench_session.finish(benchmark, provider, median, extra)
