@@ -128,6 +128,11 @@ def run_train(args) -> int:
     start = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - start
+    if trainer.stopped_by_signal is not None:
+        if main:
+            print(f"stopped by signal {trainer.stopped_by_signal} after step {trainer.step}; "
+                  f"resume with: rcgrpo train --resume {trainer.output_dir}")
+        return 0
     if main:
         print(f"trained {trainer.step} steps in {elapsed:.1f} s; LoRA at {trainer.output_dir / 'lora'}")
     if args.report:

@@ -502,12 +502,13 @@ class RCGRPOTrainer:
         cfg = self.config
         is_main = self.accelerator.is_main_process
         if is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            _check_writable(self.output_dir)
+            _prepare_output_dir(self.output_dir)
+            self.remove_stale_temp_dirs()
         self.accelerator.wait_for_everyone()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not is_main, desc="rc-grpo", dynamic_ncols=True)
+        self._stop_signal = None
         previous = self._install_signal_handlers()
         metrics: dict = {}
         try:
@@ -537,6 +538,11 @@ class RCGRPOTrainer:
                 self._writer.flush()
         return metrics
 
+    @property
+    def stopped_by_signal(self) -> int | None:
+        """The signal (SIGINT/SIGTERM) that ended the last `train()` early, or None."""
+        return self._stop_signal
+
     def _install_signal_handlers(self):
         import threading
 
@@ -544,6 +550,8 @@ class RCGRPOTrainer:
             return {}
 
         def request_stop(signum, _frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C does not wait for the step to finish
             self._stop_signal = signum
 
         previous = {}
@@ -612,7 +620,11 @@ class RCGRPOTrainer:
         return directory
 
     def save_checkpoint(self) -> Path | None:
-        """Write `output_dir/checkpoint-<step>/` completely or not at all; keep the last N."""
+        """Write `output_dir/checkpoint-<step>/` completely or not at all; keep the last N.
+
+        Files go to a temp directory that is renamed into place only when every file is written and
+        synced, so a crash, kill or full disk leaves the previous checkpoints intact.
+        """
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
@@ -621,20 +633,36 @@ class RCGRPOTrainer:
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
         tmp = self.output_dir / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        FluxKontextPipeline.save_lora_weights(str(tmp), transformer_lora_layers=self.lora_state_dict(),
-                                              weight_name=LORA_WEIGHT_NAME)
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
-        state = {"step": self.step, "nonfinite_in_row": self.nonfinite_in_row, "skipped_groups": self.skipped_groups,
-                 "skipped_examples": self.skipped_examples, "config": self.config.to_dict()}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        _fsync_dir_files(tmp)
-        _replace_dir(tmp, final)
+        try:
+            tmp.mkdir(parents=True)
+            FluxKontextPipeline.save_lora_weights(str(tmp), transformer_lora_layers=self.lora_state_dict(),
+                                                  weight_name=LORA_WEIGHT_NAME)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save({"cpu": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
+            state = {"step": self.step, "nonfinite_in_row": self.nonfinite_in_row,
+                     "skipped_groups": self.skipped_groups, "skipped_examples": self.skipped_examples,
+                     "config": self.config.to_dict()}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            _fsync_dir_files(tmp)
+            _replace_dir(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(exc.errno, f"could not write checkpoint {str(final)!r} ({exc.strerror or exc}); "
+                                     "earlier checkpoints are intact") from exc
         self._prune_checkpoints()
         return final
+
+    def remove_stale_temp_dirs(self) -> int:
+        """Delete temp directories left by a save that was killed midway; returns how many."""
+        removed = 0
+        if self.output_dir.is_dir():
+            for path in self.output_dir.iterdir():
+                if path.is_dir() and path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name):
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed += 1
+        return removed
 
     def _prune_checkpoints(self) -> None:
         ckpts = list_checkpoints(self.output_dir)
@@ -731,13 +759,15 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _check_writable(directory: Path) -> None:
-    probe = directory / f".write-test-{os.getpid()}"
+def _prepare_output_dir(directory: Path) -> None:
+    """Create the run directory and check that files can be written in it."""
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise PermissionError(f"output directory {str(directory)!r} is not writable ({exc.strerror})") from None
+        raise PermissionError(f"output directory {str(directory)!r} is not writable ({exc.strerror or exc})") from None
 
 
 def _check_reward(values, batch: int, name: str) -> torch.Tensor:
