@@ -107,10 +107,9 @@ def edit_group(
 
 
 def _attach_acd(pipe, last_k: int, backend: str):
-    try:
-        from .attention import attach_acd
-    except ImportError:
-        return None
+    from .attention import attach_acd, attention_modules
+
+    last_k = min(last_k, len(attention_modules(pipe.transformer)))  # the tiny model has only 4 layers
     return attach_acd(pipe.transformer, last_k=last_k, backend=backend)
 
 
