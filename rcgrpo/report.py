@@ -86,7 +86,7 @@ def write_training_report(trainer, *, before: float | None, after: float | None,
         tiles += [image, base_img, tuned_img]
         rows.append((example_id, instruction, base_reward, tuned_reward))
         if trainer.recorder is not None:
-            _heatmap(trainer, dataset[index], index, image, mask, out / f"acd_{example_id}.png")
+            save_example_heatmap(trainer, dataset[index], index, out / f"acd_{example_id}.png")
     if tiles:
         save_image(image_grid(tiles, columns=3), out / "before_after.png")
     lines = [
@@ -112,23 +112,26 @@ def write_training_report(trainer, *, before: float | None, after: float | None,
     return out
 
 
-def _heatmap(trainer, item, index, image, mask, path):
+def save_example_heatmap(trainer, item, index: int, path) -> None:
+    """ACD heatmap (mean over layers and steps) of the deterministic edit of one example."""
     from .masks import token_mask_for_image
     from .rollout import latent_shape, rollout
+    from .trainer import _resize_example, as_edit_example
 
     cfg = trainer.config
     size = cfg.resolution
+    image, mask, instruction, _, _ = as_edit_example(item, index)
+    if image.shape[1] != size or image.shape[2] != size:
+        image, mask = _resize_example(image, mask, size)
     token_mask = token_mask_for_image(mask, size, size, trainer.pipe.vae_scale_factor)
     n_img, channels = latent_shape(trainer.pipe, size, size)
     noise = torch.randn((1, n_img, channels), generator=torch.Generator().manual_seed(12345 + index))
     dtype = trainer.transformer.dtype
-    from .trainer import as_edit_example
-
-    instruction = as_edit_example(item, index)[2]
     with trainer.recorder.capture(token_mask.to(trainer.device)) as cap:
         rollout(trainer.pipe, image[None].to(trainer.device, dtype), instruction, noise.to(trainer.device, dtype),
                 num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, height=size, width=size,
                 max_sequence_length=cfg.max_sequence_length, decode=False)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     trainer.recorder.heatmap(image, path, capture=cap, mask=mask)
 
 

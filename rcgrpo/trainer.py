@@ -598,6 +598,10 @@ class RCGRPOTrainer:
                 image, _ = _resize_example(image, torch.ones(image.shape[1:]), edited.shape[1])
             tiles += [image, edited]
         save_image(image_grid(tiles, columns=2), self.output_dir / "samples" / f"step-{self.step:06d}.png")
+        if self.recorder is not None:
+            from .report import save_example_heatmap
+
+            save_example_heatmap(self, dataset[0], 0, self.output_dir / "samples" / f"acd-step-{self.step:06d}.png")
 
     # ------------------------------------------------------------------ checkpoints
     def lora_state_dict(self) -> dict:

@@ -196,6 +196,7 @@ def _cli(capsys, *argv):
         (["train", "--config", "{bad_yaml}"], "unknown keys"),
         (["train", "--preset", "tiny", "--output-dir", "{file_as_dir}"], "is not writable"),
         (["nonsense"], "invalid choice"),
+        (["edit", "--model", "{missing_model}"], "could not load FluxKontextPipeline weights"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, fragment):
@@ -220,6 +221,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, fragment):
     paths["bad_yaml"] = str(tmp_path / "bad.yaml")
     (tmp_path / "a_file").write_text("x")
     paths["file_as_dir"] = str(tmp_path / "a_file" / "run")
+    paths["missing_model"] = str(tmp_path / "no" / "such" / "model")
     argv = [a.format(**paths) if "{" in a else a for a in argv]
     code, err = _cli(capsys, *argv)
     assert code == 2, err

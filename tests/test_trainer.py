@@ -66,7 +66,7 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
 
 
 def test_metrics_checkpoints_and_lora_files(tmp_path):
-    cfg = small_config(tmp_path, max_steps=3, checkpoint_every=1, keep_checkpoints=2)
+    cfg = small_config(tmp_path, max_steps=3, checkpoint_every=1, keep_checkpoints=2, sample_every=3, acd_layers=4)
     tr = make_trainer(cfg)
     tr.train()
     run = Path(cfg.output_dir)
@@ -76,6 +76,7 @@ def test_metrics_checkpoints_and_lora_files(tmp_path):
         assert all(isinstance(r[key], float) for r in rows), key
     assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2", "checkpoint-3"]
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    assert (run / "samples" / "step-000003.png").is_file() and (run / "samples" / "acd-step-000003.png").is_file()
     weights = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
     assert weights and all(k.startswith("transformer.") and "lora_" in k for k in weights)
 
