@@ -457,7 +457,7 @@ def probe_cpu_peak_mb(op: str, shape, providers: list[str], mode: str | None = N
     env["MALLOC_TRIM_THRESHOLD_"] = "0"
     env.pop("TRITON_INTERPRET", None)
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS") or str(torch.get_num_threads())
-    path = os.pathsep.join(p for p in (str(REPO), str(HERE), env.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p)
     env["PYTHONPATH"] = path
     try:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "probe-mem", json.dumps(request)],

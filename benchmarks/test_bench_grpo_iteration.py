@@ -124,15 +124,19 @@ def test_grpo_iteration(benchmark, bench_session, bench_device, monkeypatch, tmp
         return metrics
 
     step()  # first iteration: lazy initialisation, kernel compilation/autotuning
+    t0 = time.perf_counter()
     if bench_device.type == "cuda":
         mem = {"peak_mem_mb": providers.cuda_peak_mb(step, bench_device), "peak_mem_method": providers.CUDA_MEM_METHOD}
     else:
         mb, method = providers.rss_peak_growth_mb(step)
         mem = {"peak_mem_mb": mb, "peak_mem_method": f"in-process {method} over one train_step "
                "(approximate: memory freed by earlier steps may be reused without RSS growth)"}
+    once = time.perf_counter() - t0
     step_metrics.clear()
     timers.enabled = True
-    rounds = int(os.environ.get("RCGRPO_BENCH_E2E_ROUNDS", "3"))
+    # Rounds: RCGRPO_BENCH_E2E_ROUNDS, else about 2× the per-provider target time (3 to 15 steps).
+    knobs = providers.timing_knobs(bench_device)
+    rounds = int(os.environ.get("RCGRPO_BENCH_E2E_ROUNDS") or min(max(round(2 * knobs["target_s"] / once), 3), 15))
     with telemetry.NvmlSampler(bench_device) as nvml:
         median = providers.run_benchmark(benchmark, step, bench_device, rounds=rounds, warmup_rounds=0,
                                          prewarm=False)
