@@ -43,12 +43,12 @@ def plot_reward_curve(metrics: list[dict], path) -> Path | None:
     axes[0].legend(fontsize=8)
     acd = [m.get("acd_mean") for m in metrics]
     if any(a is not None for a in acd):
-        axes[1].plot(steps, [a if a is not None else float("nan") for a in acd], color="tab:red", lw=1)
-        axes[1].set_ylabel("ACD (mean)")
+        axes[1].plot(steps, [a if a is not None else float("nan") for a in acd], color="tab:red", lw=1, label="ACD")
+        axes[1].set_ylabel("ACD (mean)", color="tab:red")
     drift = [m.get("background_drift") for m in metrics]
     ax2 = axes[1].twinx()
     ax2.plot(steps, [d if d is not None else float("nan") for d in drift], color="tab:gray", lw=1)
-    ax2.set_ylabel("background drift (latent MSE)")
+    ax2.set_ylabel("background drift (latent MSE)", color="tab:gray")
     axes[1].set_xlabel("step")
     fig.tight_layout()
     path = Path(path)
@@ -88,7 +88,7 @@ def write_training_report(trainer, *, before: float | None, after: float | None,
         if trainer.recorder is not None:
             save_example_heatmap(trainer, dataset[index], index, out / f"acd_{example_id}.png")
     if tiles:
-        save_image(image_grid(tiles, columns=3), out / "before_after.png")
+        save_image(image_grid([upscale_for_display(t, 128) for t in tiles], columns=3), out / "before_after.png")
     lines = [
         "# RC-GRPO training report",
         "",
@@ -132,7 +132,16 @@ def save_example_heatmap(trainer, item, index: int, path) -> None:
                 num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, height=size, width=size,
                 max_sequence_length=cfg.max_sequence_length, decode=False)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image, mask = upscale_for_display(image), upscale_for_display(mask[None])[0]
     trainer.recorder.heatmap(image, path, capture=cap, mask=mask)
+
+
+def upscale_for_display(image: torch.Tensor, min_side: int = 256) -> torch.Tensor:
+    """Nearest-neighbour upscale of a small `[C, H, W]` image so a report shows its pixels."""
+    factor = max(1, min_side // max(image.shape[-2:]))
+    if factor == 1:
+        return image
+    return image.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
 def _fmt(value):
