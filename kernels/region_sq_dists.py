@@ -164,11 +164,12 @@ _region_sq_dists_op.register_autograd(_backward_rule, setup_context=_setup_conte
 
 
 def region_sq_dists_bytes(steps: int, group: int, anchors: int, dim: int, itemsize: int, backward: bool = False) -> int:
-    """Bytes the op must move at minimum (reads of x, y, mask; writes of dx, dy in backward)."""
-    reads = (steps * (group + anchors) * dim) * itemsize + dim * 4
-    if backward:
-        reads += reads + steps * (group + anchors) * dim * itemsize
-    return reads
+    """Minimum bytes moved by the forward (reads of x, y, mask), or, with `backward=True`, by forward
+    plus backward together (the backward re-reads x, y, mask and writes dx, dy)."""
+    forward = steps * (group + anchors) * dim * itemsize + dim * 4
+    if not backward:
+        return forward
+    return 2 * forward + steps * (group + anchors) * dim * itemsize
 
 
 __all__ = ["region_sq_dists", "region_sq_dists_fwd_torch", "region_sq_dists_bwd_torch", "region_sq_dists_bytes"]
