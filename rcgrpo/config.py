@@ -54,6 +54,8 @@ class RCGRPOConfig:
     # --- rewards and objective (SPEC §6-7)
     reward_funcs: list = _doc("task reward names (see rcgrpo.rewards) or 'module:function'", default_factory=lambda: ["background_psnr"])
     reward_weights: list = _doc("weights of reward_funcs (default 1 each)", default_factory=list)
+    editscore_url: str = _doc("URL of an EditScore reward server (python -m rcgrpo.reward_server) for 'editscore'", default="")
+    clip_model: str = _doc("CLIP weights (hub id or local path) for 'clip_lct' / 'clip_lci'", default="openai/clip-vit-large-patch14")
     w_task: float = _doc("weight of the standardized task reward", default=1.0)
     w_acd: float = _doc("weight of the standardized ACD reward (0 disables ACD)", default=0.5)
     acd_layers: int = _doc("ACD uses the last K attention layers", default=10)

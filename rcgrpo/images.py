@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 
-def load_image(path, *, name: str = "image") -> torch.Tensor:
-    """`[3, H, W]` float in [0, 1] from an image file."""
+def _read_array(path, mode: str, name: str) -> np.ndarray:
+    """Pixels of an image file converted to PIL `mode`, as float32 in [0, 1]."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -18,25 +18,19 @@ def load_image(path, *, name: str = "image") -> torch.Tensor:
         raise FileNotFoundError(f"{name}: no such file {str(path)!r}")
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            return np.asarray(img.convert(mode), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{name}: {str(path)!r} is not a readable image ({exc})") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_image(path, *, name: str = "image") -> torch.Tensor:
+    """`[3, H, W]` float in [0, 1] from an image file."""
+    return torch.from_numpy(_read_array(path, "RGB", name)).permute(2, 0, 1).contiguous()
 
 
 def load_mask(path, *, name: str = "mask") -> torch.Tensor:
     """`[H, W]` float in [0, 1] from a grayscale/RGB mask file (white = edit region)."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{name}: no such file {str(path)!r}")
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"{name}: {str(path)!r} is not a readable image ({exc})") from None
-    return torch.from_numpy(arr)
+    return torch.from_numpy(_read_array(path, "L", name))
 
 
 def to_pil(image: torch.Tensor):

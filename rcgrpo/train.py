@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import sys
 import time
@@ -62,24 +61,22 @@ def _yaml_values(path) -> dict:
 
 
 def resolve_reward_funcs(config: RCGRPOConfig) -> list:
-    """[(name, callable)] for config.reward_funcs: built-in names or 'module:function'."""
+    """[(name, callable)] for config.reward_funcs: built-in names (see `rcgrpo.rewards.resolve_reward`),
+    "redness" (the demo task) or 'module:function'."""
+    from .rewards import resolve_reward
+    from .synthetic import redness_reward
+
     funcs = []
-    for name in config.reward_funcs:
-        name = str(name)
+    for name in map(str, config.reward_funcs):
         if name == "redness":
-            from .synthetic import redness_reward
-
             funcs.append((name, redness_reward))
-        elif ":" in name:
-            module, _, attr = name.partition(":")
-            try:
-                fn = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as exc:
-                raise ValueError(f"reward function {name!r} cannot be imported ({exc})") from None
-            funcs.append((name, fn))
+        elif name == "editscore":
+            if not config.editscore_url:
+                raise ValueError("reward 'editscore' needs --editscore-url http://host:port of a running reward server")
+            funcs.append((name, resolve_reward(name, url=config.editscore_url)))
+        elif name in ("clip_lct", "clip_lci"):
+            funcs.append((name, resolve_reward(name, model=config.clip_model)))
         else:
-            from .rewards import resolve_reward
-
             funcs.append((name, resolve_reward(name)))
     return funcs
 
