@@ -81,6 +81,7 @@ class RCGRPOConfig:
     train_step_chunk: int = _doc("train transitions per backward pass (bounds activation memory)", default=8)
     mixed_precision: str = _doc("'no' or 'bf16' (autocast on GPU)", default="no")
     gradient_checkpointing: bool = _doc("recompute transformer activations in backward", default=False)
+    vae_slicing: bool = _doc("decode the G candidates one at a time (lower peak memory)", default=False)
     cache_text_embeddings: bool = _doc("encode each instruction once", default=True)
     offload_states: bool = _doc("keep rollout states on the CPU between rollout and update", default=False)
     max_nonfinite_steps: int = _doc("stop after this many consecutive non-finite losses/gradients", default=3)
@@ -208,7 +209,7 @@ PRESETS: dict[str, dict] = {
     "kontext-1024": dict(
         model="black-forest-labs/FLUX.1-Kontext-dev", resolution=1024, group_size=12, num_anchors=4,
         num_inference_steps=28, train_timesteps="8", train_step_chunk=2, mixed_precision="bf16",
-        gradient_checkpointing=True, offload_states=True, lora_rank=32, lora_alpha=32.0, learning_rate=1e-4,
+        gradient_checkpointing=True, offload_states=True, vae_slicing=True, lora_rank=32, lora_alpha=32.0, learning_rate=1e-4,
         reward_funcs=["background_psnr", "clip_lct"], max_steps=300, checkpoint_every=25, sample_every=25,
     ),
 }

@@ -123,6 +123,8 @@ class RCGRPOTrainer:
         self._text_cache: dict[str, tuple] = {}
         self._writer = None
         self.pipe.to(self.device)
+        if config.vae_slicing:
+            self.pipe.vae.enable_slicing()
         self._setup_lora()
         self.optimizer = torch.optim.AdamW(
             self.lora_parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
