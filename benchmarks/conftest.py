@@ -24,6 +24,7 @@ import telemetry  # noqa: E402
 
 BASELINES = ("sdpa", "eager", "torch_ref")
 _SKIPPED: list[dict] = []
+_START: dict = {}
 _FAILED: list[dict] = []
 
 
@@ -31,6 +32,10 @@ def pytest_report_header(config):
     device = providers.bench_device()
     return [f"rcgrpo benchmarks: device {device}, shapes '{providers.shape_set(device)}', "
             f"timing {providers.timing_knobs(device)}"]
+
+
+def pytest_sessionstart(session):
+    _START.update(telemetry.cpu_state(), time=telemetry.now_iso())
 
 
 def pytest_runtest_logreport(report):
@@ -47,7 +52,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["rcgrpo"] = {
         "versions": telemetry.versions(),
         "device": telemetry.device_info(device),
-        "cpu_state_at_start": telemetry.cpu_state(),
+        "cpu_state_at_start": dict(_START) or telemetry.cpu_state(),
         "gpu": telemetry.static_gpu_info(device),
         "shape_set": providers.shape_set(device),
         "timing": providers.timing_knobs(device),

@@ -212,9 +212,9 @@ def dists_skip_reason(provider: str, shape: DistShape, mode: str, device: torch.
 
 
 def make_attention_inputs(shape: AttnShape, device: torch.device, seed: int = 0) -> dict:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     size = (shape.batch, shape.heads, shape.seq, shape.head_dim)
-    q, k, v = (torch.randn(size, generator=gen).to(device=device, dtype=dtype_of(shape.dtype)) for _ in range(3))
+    q, k, v = (torch.randn(size, generator=gen, device=device).to(dtype_of(shape.dtype)) for _ in range(3))
     return {"q": q, "k": k, "v": v, "text_len": shape.text_len, "image_len": shape.image_len}
 
 
@@ -258,19 +258,19 @@ def attention_callable(provider: str, inputs: dict):
 
 
 def make_dists_inputs(shape: DistShape, mode: str, device: torch.device, seed: int = 0) -> dict:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     dtype = dtype_of(shape.dtype)
-    x = torch.randn(shape.steps, shape.group_size, shape.dim, generator=gen).to(device=device, dtype=dtype)
-    y = torch.randn(shape.steps, shape.anchors, shape.dim, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(shape.steps, shape.group_size, shape.dim, generator=gen, device=device).to(dtype)
+    y = torch.randn(shape.steps, shape.anchors, shape.dim, generator=gen, device=device).to(dtype)
     # A hard mask with a quarter of the tokens (64 channels each) in the edit region, like a real edit.
     tokens = shape.dim // 64 if shape.dim % 64 == 0 else shape.dim
-    token_mask = (torch.rand(tokens, generator=gen) < 0.25).float()
-    mask = token_mask.repeat_interleave(shape.dim // tokens).to(device)
+    token_mask = (torch.rand(tokens, generator=gen, device=device) < 0.25).float()
+    mask = token_mask.repeat_interleave(shape.dim // tokens)
     grad = None
     if mode == "fwd+bwd":
         x.requires_grad_(True)
         y.requires_grad_(True)
-        grad = torch.randn(shape.steps, shape.anchors, shape.group_size, 2, generator=gen).to(device)
+        grad = torch.randn(shape.steps, shape.anchors, shape.group_size, 2, generator=gen, device=device)
     return {"x": x, "y": y, "mask": mask, "grad": grad}
 
 

@@ -136,15 +136,15 @@ def shares_table(benches: list[dict]) -> list[str]:
     with_shares = [b for b in benches if "acd_attention_share" in b.get("extra_info", {})]
     if not with_shares:
         return []
-    rows = ["", "Time shares inside one iteration (op time summed over the timed steps / the steps' own time):", "",
-            "| provider | backends used | step mean (s) | rollout | ACD attention (calls/step) | ACD over SDPA (est.) "
+    rows = ["", "Time shares inside one iteration (per step: op time / the step's own time; median over the timed steps):", "",
+            "| provider | backends used | step median (s) | rollout | ACD attention (calls/step) | ACD over SDPA (est.) "
             "| region_sq_dists fwd+bwd |",
             "|---|---|---:|---:|---:|---:|---:|"]
     for b in with_shares:
         e = b["extra_info"]
         used = ", ".join(f"{k}: {'/'.join(v)}" for k, v in e.get("backends_used", {}).items()) or "–"
         rows.append(
-            f"| `{provider_of(b)}` | {used} | {_num(e.get('step_mean_s'), '.3g')} | {_pct(e.get('rollout_share'))} | "
+            f"| `{provider_of(b)}` | {used} | {_val(e.get('step_median_s', e.get('step_mean_s')))} | {_pct(e.get('rollout_share'))} | "
             f"{_pct(e.get('acd_attention_share'))} ({_num(e.get('acd_attention_calls_per_step'), '.0f')}) | "
             f"{_pct(e.get('acd_overhead_share_est'))} | {_pct(e.get('region_sq_dists_share'))} |")
     return rows
@@ -204,7 +204,12 @@ def header_lines(data: dict, baseline: str) -> list[str]:
     end = (data.get("cpu_state_at_end") or {}).get("loadavg_1_5_15")
     if start or end:
         fmt = lambda la: "/".join(f"{x:.1f}" for x in la) if la else "?"  # noqa: E731
-        lines.append(f"- load average (1/5/15 min) at start {fmt(start)}, at end {fmt(end)}")
+        during = [b["extra_info"]["cpu_state"]["loadavg_1_5_15"][0] for b in data["benchmarks"]
+                  if (b.get("extra_info", {}).get("cpu_state") or {}).get("loadavg_1_5_15")]
+        span = f"; 1-min load after each benchmark {min(during):.1f} to {max(during):.1f}" if during else ""
+        cores = extra.get("cpu_state_at_start", {}).get("cpu_count")
+        lines.append(f"- load average (1/5/15 min) at start {fmt(start)}, at end {fmt(end)}{span}"
+                     + (f" on {cores} cores" if cores else ""))
     timing = extra.get("timing")
     if timing:
         lines.append(f"- timing: benchmark.pedantic, {timing.get('warmup_rounds')} warm-up round(s) after an untimed "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import os
+import statistics
 import sys
 import time
 
@@ -26,6 +27,7 @@ import providers
 import telemetry
 
 E2E_PROVIDERS = {"torch_ref": "torch", "kernels": "auto"}  # baseline first
+OP_KEYS = ("acd_attention", "region_sq_dists_fwd", "region_sq_dists_bwd")
 
 
 def _loaded(basename: str, attr: str) -> list:
@@ -74,19 +76,21 @@ class OpTimers:
             return result
         return timed
 
-    def sdpa_equivalent_s(self, reps: int = 5) -> float:
-        """Total time SDPA takes on the recorded ACD call shapes (same counts)."""
+    def sdpa_equivalent_s(self, reps: int = 21) -> float:
+        """Total time SDPA takes on the recorded ACD call shapes (same counts; median of `reps` per shape)."""
         total = 0.0
         for (shape, dtype), count in self.acd_shapes.items():
             q, k, v = (torch.randn(shape, device=self.device, dtype=dtype) for _ in range(3))
+            times = []
             with torch.no_grad():
                 F.scaled_dot_product_attention(q, k, v)
-                self.sync()
-                start = time.perf_counter()
                 for _ in range(reps):
+                    self.sync()
+                    start = time.perf_counter()
                     F.scaled_dot_product_attention(q, k, v)
-                self.sync()
-            total += (time.perf_counter() - start) / reps * count
+                    self.sync()
+                    times.append(time.perf_counter() - start)
+            total += statistics.median(times) * count
         return total
 
 
@@ -114,13 +118,20 @@ def test_grpo_iteration(benchmark, bench_session, bench_device, monkeypatch, tmp
                        f"T={config.num_inference_steps} {config.resolution}px w_acd={config.w_acd}")
     timers = OpTimers(monkeypatch, bench_device)
     sync = providers.synchronizer(bench_device)
-    step_metrics: list[dict] = []
+
+    per_step: list[dict] = []  # op seconds/calls and the step's own metrics, one entry per timed step
 
     def step():
+        before_s, before_n = dict(timers.seconds), dict(timers.calls)
         metrics = trainer.train_step()
         trainer.step += 1
         sync()
-        step_metrics.append(metrics)
+        if timers.enabled:
+            per_step.append({
+                "time_s": metrics["time_s"], "rollout_time_s": metrics["rollout_time_s"],
+                **{f"{k}_s": timers.seconds[k] - before_s.get(k, 0.0) for k in OP_KEYS},
+                **{f"{k}_calls": timers.calls[k] - before_n.get(k, 0) for k in OP_KEYS},
+            })
         return metrics
 
     step()  # first iteration: lazy initialisation, kernel compilation/autotuning
@@ -132,41 +143,45 @@ def test_grpo_iteration(benchmark, bench_session, bench_device, monkeypatch, tmp
         mem = {"peak_mem_mb": mb, "peak_mem_method": f"in-process {method} over one train_step "
                "(approximate: memory freed by earlier steps may be reused without RSS growth)"}
     once = time.perf_counter() - t0
-    step_metrics.clear()
     timers.enabled = True
-    # Rounds: RCGRPO_BENCH_E2E_ROUNDS, else about 2× the per-provider target time (3 to 15 steps).
+    # Rounds: RCGRPO_BENCH_E2E_ROUNDS, else about 2× the per-provider target time (5 to 20 steps).
     knobs = providers.timing_knobs(bench_device)
-    rounds = int(os.environ.get("RCGRPO_BENCH_E2E_ROUNDS") or min(max(round(2 * knobs["target_s"] / once), 3), 15))
+    rounds = int(os.environ.get("RCGRPO_BENCH_E2E_ROUNDS") or min(max(round(2 * knobs["target_s"] / once), 5), 20))
     with telemetry.NvmlSampler(bench_device) as nvml:
         median = providers.run_benchmark(benchmark, step, bench_device, rounds=rounds, warmup_rounds=0,
                                          prewarm=False)
     timers.enabled = False
 
-    n = max(len(step_metrics), 1)
-    step_mean = sum(m["time_s"] for m in step_metrics) / n
-    acd_s = timers.seconds["acd_attention"] / n
-    fwd_s = timers.seconds["region_sq_dists_fwd"] / n
-    bwd_s = timers.seconds["region_sq_dists_bwd"] / n
-    sdpa_s = timers.sdpa_equivalent_s() / n
+    # Shares per step, then the median over steps: robust to a step slowed down by a noisy neighbour.
+    def med(key):
+        return statistics.median(s[key] for s in per_step) if per_step else None
+
+    def share(*keys):
+        return med_of(lambda s: sum(s[k] for k in keys) / s["time_s"])
+
+    def med_of(fn):
+        return statistics.median(fn(s) for s in per_step) if per_step else None
+
+    sdpa_s = timers.sdpa_equivalent_s() / max(len(per_step), 1)
     extra = {
         "op": "grpo_iteration",
         "config": {k: getattr(config, k) for k in ("group_size", "groups_per_step", "num_inference_steps",
                                                        "resolution", "num_anchors", "acd_layers", "w_acd",
                                                        "acd_backend", "distance_backend")},
         "backends_used": {k: sorted(v) for k, v in timers.backends.items()},
-        "steps_timed": len(step_metrics),
-        "step_mean_s": step_mean,
-        "rollout_share": sum(m["rollout_time_s"] for m in step_metrics) / n / step_mean if step_mean else None,
-        "acd_attention_calls_per_step": timers.calls["acd_attention"] / n,
-        "acd_attention_s_per_step": acd_s,
-        "acd_attention_share": acd_s / step_mean if step_mean else None,
+        "steps_timed": len(per_step),
+        "step_median_s": med("time_s"),
+        "rollout_share": share("rollout_time_s"),
+        "acd_attention_calls_per_step": med("acd_attention_calls"),
+        "acd_attention_s_per_step": med("acd_attention_s"),
+        "acd_attention_share": share("acd_attention_s"),
         "sdpa_equivalent_s_per_step": sdpa_s,
-        "acd_overhead_share_est": (acd_s - sdpa_s) / step_mean if step_mean else None,
-        "region_sq_dists_calls_per_step": (timers.calls["region_sq_dists_fwd"] + timers.calls["region_sq_dists_bwd"]) / n,
-        "region_sq_dists_fwd_s_per_step": fwd_s,
-        "region_sq_dists_bwd_s_per_step": bwd_s,
-        "region_sq_dists_share": (fwd_s + bwd_s) / step_mean if step_mean else None,
-        "share_basis": "op time summed over the timed train_step calls / the steps' own time_s",
+        "acd_overhead_share_est": med_of(lambda s: (s["acd_attention_s"] - sdpa_s) / s["time_s"]),
+        "region_sq_dists_calls_per_step": med_of(lambda s: s["region_sq_dists_fwd_calls"] + s["region_sq_dists_bwd_calls"]),
+        "region_sq_dists_fwd_s_per_step": med("region_sq_dists_fwd_s"),
+        "region_sq_dists_bwd_s_per_step": med("region_sq_dists_bwd_s"),
+        "region_sq_dists_share": share("region_sq_dists_fwd_s", "region_sq_dists_bwd_s"),
+        "share_basis": "per timed step: op seconds / the step's own time_s; median over the timed steps",
         "telemetry": nvml.summary(),
     }
     extra.update(mem)
