@@ -18,13 +18,14 @@
 #   bench_*      pytest benchmarks/<suite> at GPU shapes, one JSON each -> bench-*.json
 #   report       benchmarks/report.py over the JSONs                    -> gpu-report.md/.png
 #   triton_tests the Triton test files on CUDA (all their small shapes) -> triton-tests.xml
-#   dryrun       rcgrpo dryrun at 512 px if the command exists          -> dryrun/
+#   dryrun       rcgrpo dryrun at 512 px (short rollout) if it exists   -> dryrun.json
 # Writes summary.md and stages.tsv. Exit status: 0 if at least one test/benchmark/dry-run stage
 # ran (even with failures: read summary.md), 3 if nothing ran (e.g. no CUDA device).
 #
 # Knobs: OUT, WHEELS, PYTHON (default python3), GPU_CHECK_BUDGET_S, GPU_CHECK_ALLOW_CPU=1 (run the
-# stages without CUDA, to test this script), GPU_CHECK_BENCH_K (pytest -k for the benchmarks),
-# RCGRPO_BENCH_* (see benchmarks/README.md).
+# stages without CUDA, to test this script), GPU_CHECK_STAGES=gpu_tests,bench_attention,... (run
+# only those), GPU_CHECK_BENCH_K (pytest -k for the benchmarks), GPU_CHECK_DRYRUN_ARGS (replaces
+# the dry run's size flags), RCGRPO_BENCH_* (see benchmarks/README.md).
 set -u
 set -o pipefail
 
@@ -50,8 +51,18 @@ record() {  # stage status rc seconds logfile
 
 # run_stage NAME LIMIT_S COUNTS(yes|no) CMD...: run CMD under `timeout` (SIGINT first, so pytest
 # still writes its reports; SIGKILL 10 s later) with min(LIMIT_S, time left); never aborts the script.
+want() {  # GPU_CHECK_STAGES=a,b,c runs only those stages (default: all)
+    [[ -z "${GPU_CHECK_STAGES:-}" ]] && return 0
+    case "$1" in diffusers|pip_install) return 0 ;; esac  # set-up always runs
+    [[ ",${GPU_CHECK_STAGES}," == *",$1,"* ]]
+}
+
 run_stage() {
     local name="$1" limit="$2" counts="$3"; shift 3
+    if ! want "$name"; then
+        record "$name" "not selected (GPU_CHECK_STAGES)" "-" 0 ""
+        return 0
+    fi
     local left; left=$(( $(remaining) - 20 ))
     local t=$(( limit < left ? limit : left ))
     local logf="$OUT/logs/$name.log"
@@ -242,8 +253,23 @@ if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec(
     DRY=("$PY" -m rcgrpo.cli dryrun)
     [[ "$HELP" == *"--arch"* ]] && DRY+=(--arch flux-kontext-dev)
     [[ "$HELP" == *"--resolution"* ]] && DRY+=(--resolution 512)
+    [[ "$HELP" == *"--json"* ]] && DRY+=(--json "$OUT/dryrun.json")
     [[ "$HELP" == *"--output-dir"* ]] && DRY+=(--output-dir "$OUT/dryrun")
-    run_stage dryrun 120 yes "${DRY[@]}"
+    # Full width and depth at 512 px, but a short rollout and update so it fits the stage budget
+    # (GPU_CHECK_DRYRUN_ARGS replaces these; flags this build lacks are dropped).
+    read -r -a EXTRA <<< "${GPU_CHECK_DRYRUN_ARGS:---group 12 --anchors 4 --steps 4 --train-steps 2 --gradient-checkpointing}"
+    i=0
+    while (( i < ${#EXTRA[@]} )); do
+        flag="${EXTRA[$i]}"; value=""
+        if (( i + 1 < ${#EXTRA[@]} )) && [[ "${EXTRA[$((i + 1))]}" != --* ]]; then value="${EXTRA[$((i + 1))]}"; i=$(( i + 1 )); fi
+        i=$(( i + 1 ))
+        if [[ "$HELP" == *"$flag"* ]]; then
+            DRY+=("$flag"); [[ -n "$value" ]] && DRY+=("$value")
+        else
+            log "dryrun: this build has no $flag; dropped"
+        fi
+    done
+    run_stage dryrun 150 yes "${DRY[@]}"
 else
     log "dryrun: 'rcgrpo dryrun' is not available in this build (no module rcgrpo.dryrun)"
     record dryrun "skipped: command not available" "-" 0 "$OUT/logs/dryrun-help.log"
