@@ -6,17 +6,24 @@
 
 `available_backends()` tells which backends run here and why the others do not.
 """
-from ._backends import BACKEND_CHOICES, BACKENDS, available_backends, resolve_backend
-from .acd_attention import acd_attention, attention_flops
-from .region_sq_dists import region_sq_dists, region_sq_dists_bytes
+if __name__ != "rcgrpo_kernels":
+    # This folder is installed as `rcgrpo_kernels`. When the repository root is on sys.path it can
+    # also be found as a top-level `kernels` (transformers imports that name to probe for Hugging
+    # Face's `kernels` package). Under any other name it defines nothing and registers no ops, so the
+    # ops are never registered twice and the probe sees a package without a version.
+    __all__: list = []
+else:
+    from ._backends import BACKEND_CHOICES, BACKENDS, available_backends, resolve_backend
+    from .acd_attention import acd_attention, attention_flops
+    from .region_sq_dists import region_sq_dists, region_sq_dists_bytes
 
-__all__ = [
-    "BACKENDS",
-    "BACKEND_CHOICES",
-    "acd_attention",
-    "attention_flops",
-    "available_backends",
-    "region_sq_dists",
-    "region_sq_dists_bytes",
-    "resolve_backend",
-]
+    __all__ = [
+        "BACKENDS",
+        "BACKEND_CHOICES",
+        "acd_attention",
+        "attention_flops",
+        "available_backends",
+        "region_sq_dists",
+        "region_sq_dists_bytes",
+        "resolve_backend",
+    ]
