@@ -563,6 +563,7 @@ class EditScoreClient:
         if batch_size < 1 or timeout <= 0 or retries < 0 or backoff < 0:
             raise ValueError("EditScoreClient: batch_size ≥ 1, timeout > 0, retries ≥ 0 and backoff ≥ 0 are required")
         self.url = url.rstrip("/")
+        self.display_url = redact_url(self.url)  # what errors and logs show: no user:password
         self.score_url = self.url if parsed.path.rstrip("/").endswith("/score") else self.url + "/score"
         self.batch_size = int(batch_size)
         self.timeout = float(timeout)
@@ -577,7 +578,7 @@ class EditScoreClient:
             with urllib.request.urlopen(base + "/health", timeout=self.timeout) as resp:
                 return json.loads(resp.read().decode("utf-8"))
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise RewardServerError(f"reward server at {self.url} did not answer /health: {exc}") from None
+            raise RewardServerError(f"reward server at {self.display_url} did not answer /health: {exc}") from None
 
     def __call__(self, edited, sources, masks, instructions, metadata=None) -> torch.Tensor:
         batch = check_reward_inputs(edited, sources if self.send_sources else None, masks, instructions, metadata,
@@ -614,10 +615,10 @@ class EditScoreClient:
                     continue
                 if exc.code == 413:
                     raise RewardServerError(
-                        f"reward server at {self.url} rejected a request of {len(body)} bytes as too large "
+                        f"reward server at {self.display_url} rejected a request of {len(body)} bytes as too large "
                         f"(HTTP 413: {detail}); lower batch_size or raise the server's --max-request-mb"
                     ) from None
-                raise RewardServerError(f"reward server at {self.url} rejected the request (HTTP {exc.code}: {detail})") from None
+                raise RewardServerError(f"reward server at {self.display_url} rejected the request (HTTP {exc.code}: {detail})") from None
             except (TimeoutError, socket.timeout):
                 last_error = f"no answer within the {self.timeout:g} s timeout"
                 continue
@@ -633,28 +634,39 @@ class EditScoreClient:
                 continue
             return self._parse(raw, count, offset)
         raise RewardServerError(
-            f"reward server at {self.url} failed after {self.retries + 1} attempt(s): {last_error}"
+            f"reward server at {self.display_url} failed after {self.retries + 1} attempt(s): {last_error}"
         )
 
     def _parse(self, raw: bytes, count: int, offset: int) -> list[float]:
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise RewardServerError(f"reward server at {self.url} answered with invalid JSON ({exc})") from None
+            raise RewardServerError(f"reward server at {self.display_url} answered with invalid JSON ({exc})") from None
         scores = data.get("scores") if isinstance(data, dict) else None
         if not isinstance(scores, list):
-            raise RewardServerError(f"reward server at {self.url} answered without a 'scores' list: {str(data)[:200]}")
+            raise RewardServerError(f"reward server at {self.display_url} answered without a 'scores' list: {str(data)[:200]}")
         if len(scores) != count:
-            raise RewardServerError(f"reward server at {self.url} returned {len(scores)} scores for {count} images")
+            raise RewardServerError(f"reward server at {self.display_url} returned {len(scores)} scores for {count} images")
         out = []
         for i, s in enumerate(scores):
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(float(s)):
                 raise RewardServerError(
-                    f"reward server at {self.url} returned a non-finite or non-numeric score {s!r} for example "
+                    f"reward server at {self.display_url} returned a non-finite or non-numeric score {s!r} for example "
                     f"{offset + i}; scores must be finite floats"
                 )
             out.append(float(s))
         return out
+
+
+def redact_url(url: str) -> str:
+    """`url` without the user:password part, for messages and saved configs."""
+    parsed = urllib.parse.urlparse(url)
+    if not (parsed.username or parsed.password):
+        return url
+    host = parsed.hostname or ""
+    if parsed.port:
+        host = f"{host}:{parsed.port}"
+    return urllib.parse.urlunparse(parsed._replace(netloc=f"***@{host}"))
 
 
 def _error_detail(exc: urllib.error.HTTPError) -> str:

@@ -649,7 +649,7 @@ class RCGRPOTrainer:
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
             state = {"step": self.step, "nonfinite_in_row": self.nonfinite_in_row,
                      "skipped_groups": self.skipped_groups, "skipped_examples": self.skipped_examples,
-                     "config": self.config.to_dict()}
+                     "config": _config_for_saving(self.config)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             _fsync_dir_files(tmp)
             _replace_dir(tmp, final)
@@ -774,6 +774,15 @@ def _prepare_output_dir(directory: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise PermissionError(f"output directory {str(directory)!r} is not writable ({exc.strerror or exc})") from None
+
+
+def _config_for_saving(config: RCGRPOConfig) -> dict:
+    from .rewards import redact_url
+
+    values = config.to_dict()
+    if values.get("editscore_url"):
+        values["editscore_url"] = redact_url(values["editscore_url"])
+    return values
 
 
 def _check_reward(values, batch: int, name: str) -> torch.Tensor:

@@ -283,3 +283,17 @@ def test_no_pickle_loading_in_the_package():
         for line in text.splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
+
+
+def test_reward_server_credentials_never_reach_messages_or_checkpoints(tmp_path):
+    from rcgrpo.rewards import EditScoreClient, RewardServerError, redact_url
+
+    assert redact_url("http://alice:s3cret@127.0.0.1:9/score") == "http://***@127.0.0.1:9/score"
+    client = EditScoreClient("http://alice:s3cret@127.0.0.1:9", timeout=0.5, retries=0)
+    with pytest.raises(RewardServerError) as err:
+        client.health()
+    assert "s3cret" not in str(err.value) and "alice" not in str(err.value)
+    tr = trainer_for(tiny_config(tmp_path / "run", max_steps=1, editscore_url="http://alice:s3cret@127.0.0.1:9"))
+    tr.train()
+    saved = (list_checkpoints(tmp_path / "run")[-1] / "trainer_state.json").read_text()
+    assert "s3cret" not in saved
