@@ -29,7 +29,7 @@ def load_pipeline(model: str | None, *, device: str | None = None, dtype: torch.
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     local = Path(model)
     try:
-        pipe = FluxKontextPipeline.from_pretrained(model, torch_dtype=dtype)
+        pipe = FluxKontextPipeline.from_pretrained(model, **_dtype_kwarg(dtype))
     except (OSError, ValueError) as exc:
         where = "local directory" if local.exists() else "hub id"
         raise ValueError(
@@ -39,6 +39,13 @@ def load_pipeline(model: str | None, *, device: str | None = None, dtype: torch.
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev), False
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """diffusers ≥ 0.42 takes `dtype=`, earlier releases `torch_dtype=`."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
 def load_lora(pipe, path) -> None:
