@@ -52,12 +52,15 @@ def combine_rewards(task: torch.Tensor, acd: torch.Tensor | None = None, *, w_ta
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, mode: str = "std", p: float = 0.8) -> torch.Tensor:
-    """Advantages `[N]` for rewards `[N]` laid out as N/group_size consecutive groups.
+    """Advantages `[N]` for rewards `[N]` laid out as N/group_size consecutive groups
+    (rewards `[n_groups, group_size]` give advantages of that shape).
 
     mode="std": A = (r − mean_G)/(std_G + 1e-8). mode="quasi_norm" (Neighbor GRPO): the deviation
     is divided by the p-quasi-norm (mean |r − mean_G|^p)^(1/p) instead of the standard deviation.
     Groups whose std is below 1e-6 get A = 0.
     """
+    if isinstance(rewards, torch.Tensor) and rewards.dim() == 2 and rewards.shape[1] == group_size:
+        return group_advantages(rewards.reshape(-1), group_size, mode=mode, p=p).view(rewards.shape)
     rewards = check_rewards(rewards)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
         raise ValueError(f"group_size must be an int ≥ 2, got {group_size!r}")

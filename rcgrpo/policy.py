@@ -95,7 +95,8 @@ def grpo_loss(
     beta: float = 0.0,
     anchor_pred: torch.Tensor | None = None,
     anchor_ref: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, LossStats]:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, LossStats]:
     """Clipped GRPO objective for one group.
 
     Args:
@@ -103,8 +104,9 @@ def grpo_loss(
         old_log_probs: log π_old `[T, K, G]` (no gradient needed).
         advantages: A `[G]`.
         beta: weight of the `mean((anchor_pred − anchor_ref)²)` regulariser (needs both tensors).
+        return_stats: also return a `LossStats` (ratio, clip fraction, loss parts).
     Returns:
-        `(loss, stats)` with a scalar loss.
+        the scalar loss, or `(loss, stats)` with `return_stats=True`.
     """
     if log_probs.shape != old_log_probs.shape:
         raise ValueError(f"log_probs {tuple(log_probs.shape)} and old_log_probs {tuple(old_log_probs.shape)} must match")
@@ -126,6 +128,8 @@ def grpo_loss(
             raise ValueError("beta > 0 needs anchor_pred and anchor_ref (the base model's prediction)")
         kl = (anchor_pred.float() - anchor_ref.detach().float()).square().mean()
     loss = policy_loss + beta * kl
+    if not return_stats:
+        return loss
     with torch.no_grad():
         stats = LossStats(
             policy_loss=float(policy_loss),

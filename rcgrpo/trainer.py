@@ -360,7 +360,7 @@ class RCGRPOTrainer:
                         self.transformer.enable_adapters()
                 ref_pred = (x_j.float() + dt * v_ref.float()).reshape(n_anchor, n_chunk, dim).transpose(0, 1)
             loss, stats = grpo_loss(log_probs, old_log_probs, group.advantages.to(self.device), clip_eps=cfg.clip_eps,
-                                    beta=cfg.beta, anchor_pred=pred, anchor_ref=ref_pred)
+                                    beta=cfg.beta, anchor_pred=pred, anchor_ref=ref_pred, return_stats=True)
             share = n_chunk / len(train_j)
             (loss * share * weight).backward()
             total_loss += float(loss.detach()) * share

@@ -161,7 +161,7 @@ def test_loss_at_theta_old_is_minus_mean_advantage_and_ratio_one():
     torch.manual_seed(3)
     lp = torch.log_softmax(torch.randn(2, 3, 5), -1)
     adv = torch.randn(5)
-    loss, stats = grpo_loss(lp.clone().requires_grad_(), lp, adv)
+    loss, stats = grpo_loss(lp.clone().requires_grad_(), lp, adv, return_stats=True)
     torch.testing.assert_close(loss, -adv.mean())
     assert stats.ratio_mean == pytest.approx(1.0) and stats.clip_fraction == 0.0
 
@@ -170,7 +170,7 @@ def test_loss_clipping_matches_ppo_formula():
     lp_old = torch.log(torch.tensor([[[0.5, 0.5]]]))
     lp_new = torch.log(torch.tensor([[[0.8, 0.2]]]))
     adv = torch.tensor([1.0, -1.0])
-    loss, stats = grpo_loss(lp_new, lp_old, adv, clip_eps=0.2)
+    loss, stats = grpo_loss(lp_new, lp_old, adv, clip_eps=0.2, return_stats=True)
     ratio = torch.tensor([1.6, 0.4])
     expect = -torch.minimum(adv * ratio, adv * ratio.clamp(0.8, 1.2)).mean()
     torch.testing.assert_close(loss, expect)
@@ -180,7 +180,7 @@ def test_loss_clipping_matches_ppo_formula():
 def test_beta_term_adds_mean_squared_deviation():
     lp = torch.zeros(1, 1, 2)
     pred, ref = torch.ones(1, 1, 4), torch.zeros(1, 1, 4)
-    loss, _ = grpo_loss(lp, lp, torch.zeros(2), beta=0.5, anchor_pred=pred, anchor_ref=ref)
+    loss = grpo_loss(lp, lp, torch.zeros(2), beta=0.5, anchor_pred=pred, anchor_ref=ref)
     torch.testing.assert_close(loss, torch.tensor(0.5))
 
 
@@ -192,7 +192,7 @@ def test_gradient_moves_anchor_toward_high_advantage_candidate():
     anchor = torch.zeros(1, 1, D, requires_grad=True)
     lp = surrogate_log_probs(states, anchor, mask, backend="torch")
     old = lp.detach()
-    loss, _ = grpo_loss(lp, old, torch.tensor([-1.0, 1.0]))
+    loss = grpo_loss(lp, old, torch.tensor([-1.0, 1.0]))
     loss.backward()
     step = -anchor.grad[0, 0]  # gradient descent direction
     assert bool((step > 0).all()), "the anchor must move toward the +1 candidate in every coordinate"
@@ -253,3 +253,8 @@ def test_acd_is_one_for_uniform_mass_and_grows_with_concentration():
 def test_acd_reward_is_mean_over_calls():
     per_call = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     torch.testing.assert_close(rcgrpo.acd_reward(per_call), torch.tensor([2.0, 3.0]))
+
+
+def test_group_advantages_accept_groups_by_rows():
+    r = torch.tensor([[1.0, 2.0, 4.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(group_advantages(r, 3), group_advantages(r.reshape(-1), 3).view(2, 3))

@@ -159,7 +159,7 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(tmp_path, monkeypatch
 
     def exploding_loss(*args, **kwargs):
         loss, stats = real_loss(*args, **kwargs)
-        return loss * float("inf"), stats
+        return loss * float("inf"), stats  # the trainer asks for return_stats=True
 
     monkeypatch.setattr(trainer_module, "grpo_loss", exploding_loss)
     tr = trainer_for(tiny_config(tmp_path / "run", max_steps=5, max_nonfinite_steps=2, checkpoint_every=0))
