@@ -47,7 +47,7 @@ def config_from_args(args) -> RCGRPOConfig:
         raw = getattr(args, f"cfg_{f.name}", None)
         if raw is not None:
             values[f.name] = parse_override(f.name, raw)
-    if args.resume and "output_dir" not in {k for k in vars(args) if getattr(args, k) is not None and k == "cfg_output_dir"}:
+    if args.resume and args.cfg_output_dir is None:
         values["output_dir"] = args.resume
     return RCGRPOConfig.from_dict(values, source="configuration")
 
