@@ -30,3 +30,17 @@ def test_train_tiny_writes_metrics_checkpoints_lora_and_resumes(tmp_path, capsys
 def test_resume_without_checkpoint_is_bad_input(tmp_path, capsys):
     assert cli_main(["train", "--resume", str(tmp_path)]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    import yaml
+
+    from rcgrpo.config import RCGRPOConfig
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    cfg = RCGRPOConfig.from_yaml(root / "kontext_512.yaml")
+    assert cfg.resolution == 512 and cfg.group_size == 12
+    acc = yaml.safe_load((root / "accelerate_multi_gpu.yaml").read_text())
+    assert acc["distributed_type"] == "MULTI_GPU"
