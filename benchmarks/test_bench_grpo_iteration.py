@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import os
 import statistics
-import sys
+import importlib
 import time
 
 import pytest
@@ -30,15 +30,6 @@ E2E_PROVIDERS = {"torch_ref": "torch", "kernels": "auto"}  # baseline first
 OP_KEYS = ("acd_attention", "region_sq_dists_fwd", "region_sq_dists_bwd")
 
 
-def _loaded(basename: str, attr: str) -> list:
-    found = [m for name, m in list(sys.modules.items())
-             if name.rsplit(".", 1)[-1] == basename and name.split(".")[0] in ("rcgrpo_kernels", "kernels")
-             and hasattr(m, attr)]
-    if not found:
-        raise RuntimeError(f"no loaded module {basename!r} with {attr!r} to time")
-    return found
-
-
 class OpTimers:
     """Wraps `_run_backend` of acd_attention and `_forward`/`_backward` of region_sq_dists."""
 
@@ -50,14 +41,15 @@ class OpTimers:
         self.calls = collections.Counter()
         self.backends: dict[str, set] = collections.defaultdict(set)
         self.acd_shapes = collections.Counter()
-        # Every loaded copy of the op modules: when the repo root is on sys.path (python -m pytest
-        # from the root), transformers' probe for the Hugging Face `kernels` package imports
-        # kernels/ a second time as `kernels`, and that copy's registration serves torch.ops.rcgrpo.
-        for module in _loaded("acd_attention", "_run_backend"):
-            monkeypatch.setattr(module, "_run_backend", self._wrap("acd_attention", module._run_backend, 7))
-        for module in _loaded("region_sq_dists", "_forward"):
-            monkeypatch.setattr(module, "_forward", self._wrap("region_sq_dists_fwd", module._forward, 3))
-            monkeypatch.setattr(module, "_backward", self._wrap("region_sq_dists_bwd", module._backward, 4))
+        # the package re-exports functions under the submodules' names: fetch the modules themselves
+        attention_module = importlib.import_module("rcgrpo_kernels.acd_attention")
+        distance_module = importlib.import_module("rcgrpo_kernels.region_sq_dists")
+
+        monkeypatch.setattr(attention_module, "_run_backend",
+                            self._wrap("acd_attention", attention_module._run_backend, 7))
+        monkeypatch.setattr(distance_module, "_forward", self._wrap("region_sq_dists_fwd", distance_module._forward, 3))
+        monkeypatch.setattr(distance_module, "_backward",
+                            self._wrap("region_sq_dists_bwd", distance_module._backward, 4))
 
     def _wrap(self, key, fn, backend_arg):
         def timed(*args, **kwargs):
