@@ -21,6 +21,8 @@ _LAZY = {
     "FluxACDAttnProcessor": "rcgrpo.attention",
     "attach_acd": "rcgrpo.attention",
     "detach_acd": "rcgrpo.attention",
+    "ACDRecorder": "rcgrpo.attention",
+    "save_acd_heatmap": "rcgrpo.attention",
     "RCGRPOConfig": "rcgrpo.config",
     "RCGRPOTrainer": "rcgrpo.trainer",
 }
