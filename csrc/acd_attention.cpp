@@ -1,6 +1,8 @@
 // acd_attention on the CPU: streaming (online-softmax) attention over key tiles plus the
 // text -> target-image attention mass of SPEC §7, without any N x N buffer.
 //
+// Pass 0, one task per (b, h, tile of KB keys): packs scale * k transposed into [D][KB] tiles
+// (zero-padded), so that the logit micro-kernel reads contiguous key vectors and the raw q rows.
 // Pass 1, one task per (b, h, block of QB query rows): out rows = softmax(q kᵀ scale) v, and for
 // the text query rows also the log-sum-exp over the image keys only (lse_img).
 // Pass 2, one task per (b, h, block of KB image keys): recomputes the text x image logits and
@@ -11,6 +13,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -19,13 +23,14 @@ namespace rcgrpo {
 namespace {
 
 constexpr int64_t QB = 64;  // query rows per task (pass 1) / per tile (pass 2)
-constexpr int64_t KB = 64;  // keys per tile
+constexpr int64_t KB = 128; // keys per tile
 
 struct AttnArgs {
     const float* q;
     const float* k;
     const float* v;
     const float* weights;  // [B, text_len] or nullptr
+    const float* kT;       // [B, H, ceil(N / KB), D, KB]: scale * k, packed by pass 0
     float* out;            // [B, H, N, D]
     float* lse_img;        // [B, H, text_len]
     double* head_mass;     // [B, H, image_len]
@@ -33,102 +38,212 @@ struct AttnArgs {
     float scale;
 };
 
-/// Floats of scratch one thread uses: scaled q rows, transposed key tile, logits, accumulators
-/// and the four per-row softmax statistics (rounded up to keep per-thread slices 64-byte apart).
+/// Floats of scratch one thread uses: a transposed key tile (pass 2), logits, accumulators and
+/// the four per-row softmax statistics (rounded up to keep per-thread slices 64-byte apart).
 int64_t scratch_floats(int64_t D) {
-    const int64_t n = QB * D + D * KB + QB * KB + QB * D + 4 * QB;
+    const int64_t n = D * KB + QB * KB + QB * D + 4 * QB;
     return ceil_div(n, 16) * 16;
 }
 
-/// qs[i][d] = src[i][d] * scale for nr rows of length D.
-RC_INLINE void load_scaled_rows(const float* src, int64_t nr, int64_t D, float scale, float* qs) {
-    const int64_t n = nr * D;
-    for (int64_t i = 0; i < n; ++i) qs[i] = src[i] * scale;
-}
-
-/// kT[d][j] = keys[j][d] for j < nk and 0 for nk <= j < KB; kT is [D][KB].
-RC_INLINE void load_keys_transposed(const float* keys, int64_t nk, int64_t D, float* kT) {
+/// kT[d][j] = keys[j][d] * scale for j < nk and 0 for nk <= j < KB; kT is [D][KB].
+inline void pack_keys(const float* keys, int64_t nk, int64_t D, float scale, float* kT) {
     for (int64_t j = 0; j < nk; ++j) {
         const float* row = keys + j * D;
-        for (int64_t d = 0; d < D; ++d) kT[d * KB + j] = row[d];
+        for (int64_t d = 0; d < D; ++d) kT[d * KB + j] = row[d] * scale;
     }
-    if (nk < KB) {
-        for (int64_t d = 0; d < D; ++d) {
-            for (int64_t j = nk; j < KB; ++j) kT[d * KB + j] = 0.0f;
-        }
+    for (int64_t d = 0; d < D; ++d) {
+        for (int64_t j = nk; j < KB; ++j) kT[d * KB + j] = 0.0f;
     }
 }
 
-// Register-tiled matmuls of the two attention products:
-//   score_rows: s[r][j] = Σ_d qs[r][d] kT[d][j] for R rows and all KB keys (s is [R][KB]);
-//   pv_rows:    acc[r][d] += Σ_{j < nk} p[r][j] v[j][d] for R rows (p is [R][KB], v is [nk][D]).
-// Both keep an R x 16 accumulator tile in registers, load contiguous rows of kT / v, and sum every
-// output over d (resp. j) in one fixed order whichever tile computes it.
+// ---- vector primitives ----------------------------------------------------------------------
+// The kernels are templates over a vector type V: GCC/Clang generic vectors of 4, 8 or 16 floats,
+// lowered to the ISA of the function they are inlined into (see the dispatch at the end), or
+// plain float where vector extensions are missing.
 #if defined(__GNUC__)
-// GCC/Clang generic vectors, lowered to the clone's ISA (2 x SSE or 1 x AVX per vector); plain
-// loops here get vectorized along the wrong axis.
-typedef float vec8 __attribute__((vector_size(32)));
+// The helpers taking vectors by value are always inlined, so their out-of-line ABI never matters.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float vf4 __attribute__((vector_size(16)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf16 __attribute__((vector_size(64)));
+#endif
 
-#define RC_LOAD8(dst, ptr) std::memcpy(&(dst), (ptr), sizeof(vec8))
-#define RC_STORE8(ptr, src) std::memcpy((ptr), &(src), sizeof(vec8))
+template <class V>
+constexpr int64_t lanes() {
+    return static_cast<int64_t>(sizeof(V) / sizeof(float));
+}
+template <class V>
+RC_INLINE V load(const float* p) {
+    V x;
+    std::memcpy(&x, p, sizeof(V));
+    return x;
+}
+template <class V>
+RC_INLINE void store(float* p, const V& x) {
+    std::memcpy(p, &x, sizeof(V));
+}
+template <class V>
+RC_INLINE V splat(float x) {
+    return V{} + x;
+}
+template <class V>
+RC_INLINE V vmax(const V& a, const V& b) {
+    return a > b ? a : b;
+}
+template <class V>
+RC_INLINE V vmin(const V& a, const V& b) {
+    return a < b ? a : b;
+}
+/// Sum / max of the lanes: halves combined pairwise down to one lane, a fixed order.
+template <class V>
+struct Half;
+#if defined(__GNUC__)
+typedef float vf2 __attribute__((vector_size(8)));
+template <>
+struct Half<vf16> { using type = vf8; };
+template <>
+struct Half<vf8> { using type = vf4; };
+template <>
+struct Half<vf4> { using type = vf2; };
+template <>
+struct Half<vf2> { using type = float; };
+#endif
+template <class V, class Op>
+RC_INLINE float reduce_lanes(const V& x, Op op) {
+    if constexpr (std::is_same_v<V, float>) {
+        return x;
+    } else {
+        using H = typename Half<V>::type;
+        H lo, hi;
+        std::memcpy(&lo, &x, sizeof(H));
+        std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(H), sizeof(H));
+        return reduce_lanes(op(lo, hi), op);
+    }
+}
+template <class V>
+RC_INLINE float hsum(const V& x) {
+    return reduce_lanes(x, [](const auto& a, const auto& b) { return a + b; });
+}
+template <class V>
+RC_INLINE float hmax(const V& x) {
+    return reduce_lanes(x, [](const auto& a, const auto& b) { return vmax(a, b); });
+}
+/// {base, base + 1, ...} as floats.
+template <class V>
+RC_INLINE V iota(float base) {
+    V x = splat<V>(base);
+    if constexpr (!std::is_same_v<V, float>) {
+        for (int64_t l = 0; l < lanes<V>(); ++l) x[l] += static_cast<float>(l);
+    }
+    return x;
+}
 
-template <int R>
-RC_INLINE void score_rows(const float* qs, const float* kT, int64_t D, float* s) {
-    for (int64_t jb = 0; jb < KB; jb += 16) {
-        vec8 c0[R], c1[R];
-        for (int r = 0; r < R; ++r) c0[r] = c1[r] = vec8{};
-        for (int64_t d = 0; d < D; ++d) {
-            vec8 k0, k1;
-            RC_LOAD8(k0, kT + d * KB + jb);
-            RC_LOAD8(k1, kT + d * KB + jb + 8);
-            for (int r = 0; r < R; ++r) {
-                const float a = qs[r * D + d];
-                c0[r] += a * k0;
-                c1[r] += a * k1;
-            }
-        }
+/// exp(x) for the softmax arguments x <= 0 (any x <= 88 works): Cody-Waite reduction and the
+/// Cephes minimax polynomial, about 1 ulp; exactly 0 below -87 (and for -inf).
+template <class V>
+RC_INLINE V exp_approx(const V& x) {
+    const V xc = vmin(vmax(x, splat<V>(-87.0f)), splat<V>(88.0f));
+    const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    const V n = (xc * 1.44269504088896341f + round_magic) - round_magic;
+    V r = xc - n * 0.693359375f;  // ln 2 split in a high part exact in float ...
+    r = r - n * -2.12194440e-4f;  // ... and the low rest
+    V p = splat<V>(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    V two_n;  // 2^n, n in [-126, 127]
+    if constexpr (std::is_same_v<V, float>) {
+        const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+        std::memcpy(&two_n, &bits, sizeof(two_n));
+    } else {
+        using VI = decltype(x < x);  // the int32 vector of as many lanes
+        const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+        std::memcpy(&two_n, &bits, sizeof(two_n));
+    }
+    return x < splat<V>(-87.0f) ? V{} : p * two_n;
+}
+
+// ---- register-tiled matmuls -----------------------------------------------------------------
+// An R x C tile of accumulators (R rows, C vectors of columns) stays in registers over the whole
+// reduction; each step loads C vectors and broadcasts R scalars. Every output element is summed
+// over d (resp. j) in one fixed order whichever tile shape computes it.
+
+/// Vectors of columns per register tile: 4 x 16 lanes, 2 x 8, 2 x 4, 4 x 1 (all divide KB).
+template <class V>
+constexpr int score_cols() {
+    return lanes<V>() == 8 || lanes<V>() == 4 ? 2 : 4;
+}
+
+/// s[r][jb + c] = Σ_d q[r][d] kT[d][jb + c] for r < R, c < C * lanes (q rows of length D).
+template <class V, int R, int C>
+RC_INLINE void score_tile(const float* q, const float* kT, int64_t D, int64_t jb, float* s) {
+    constexpr int64_t W = lanes<V>();
+    V c[R][C];
+    for (int r = 0; r < R; ++r) {
+        for (int t = 0; t < C; ++t) c[r][t] = V{};
+    }
+    for (int64_t d = 0; d < D; ++d) {
+        V kv[C];
+        for (int t = 0; t < C; ++t) kv[t] = load<V>(kT + d * KB + jb + t * W);
         for (int r = 0; r < R; ++r) {
-            RC_STORE8(s + r * KB + jb, c0[r]);
-            RC_STORE8(s + r * KB + jb + 8, c1[r]);
+            const float a = q[r * D + d];
+            for (int t = 0; t < C; ++t) c[r][t] += a * kv[t];
         }
+    }
+    for (int r = 0; r < R; ++r) {
+        for (int t = 0; t < C; ++t) store(s + r * KB + jb + t * W, c[r][t]);
     }
 }
 
-template <int R>
+/// s[i][j] = Σ_d q[i][d] kT[d][j] for i < nq and j < ncols (ncols a multiple of the tile width).
+template <class V, int R>
+RC_INLINE void tile_scores(const float* q, int64_t nq, const float* kT, int64_t D, int64_t ncols,
+                           float* s) {
+    constexpr int C = score_cols<V>();
+    constexpr int64_t CW = C * lanes<V>();
+    int64_t i = 0;
+    for (; i + R <= nq; i += R) {
+        for (int64_t jb = 0; jb < ncols; jb += CW) score_tile<V, R, C>(q + i * D, kT, D, jb, s + i * KB);
+    }
+    for (; i < nq; ++i) {
+        for (int64_t jb = 0; jb < ncols; jb += CW) score_tile<V, 1, C>(q + i * D, kT, D, jb, s + i * KB);
+    }
+}
+
+/// acc[r][db + c] += Σ_{j < nk} p[r][j] v[j][db + c] for r < R, c < C * lanes.
+template <class V, int R, int C>
+RC_INLINE void pv_tile(const float* p, const float* v, int64_t nk, int64_t D, int64_t db, float* acc) {
+    constexpr int64_t W = lanes<V>();
+    V c[R][C];
+    for (int r = 0; r < R; ++r) {
+        for (int t = 0; t < C; ++t) c[r][t] = load<V>(acc + r * D + db + t * W);
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+        V vv[C];
+        for (int t = 0; t < C; ++t) vv[t] = load<V>(v + j * D + db + t * W);
+        for (int r = 0; r < R; ++r) {
+            const float a = p[r * KB + j];
+            for (int t = 0; t < C; ++t) c[r][t] += a * vv[t];
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        for (int t = 0; t < C; ++t) store(acc + r * D + db + t * W, c[r][t]);
+    }
+}
+
+/// acc[r] += Σ_{j < nk} p[r][j] v[j] for R rows: wide column blocks, single vectors, then the
+/// last D % lanes columns one by one.
+template <class V, int R>
 RC_INLINE void pv_rows(const float* p, const float* v, int64_t nk, int64_t D, float* acc) {
+    constexpr int C = score_cols<V>();
+    constexpr int64_t W = lanes<V>();
     int64_t db = 0;
-    for (; db + 16 <= D; db += 16) {
-        vec8 c0[R], c1[R];
-        for (int r = 0; r < R; ++r) {
-            RC_LOAD8(c0[r], acc + r * D + db);
-            RC_LOAD8(c1[r], acc + r * D + db + 8);
-        }
-        for (int64_t j = 0; j < nk; ++j) {
-            vec8 v0, v1;
-            RC_LOAD8(v0, v + j * D + db);
-            RC_LOAD8(v1, v + j * D + db + 8);
-            for (int r = 0; r < R; ++r) {
-                const float a = p[r * KB + j];
-                c0[r] += a * v0;
-                c1[r] += a * v1;
-            }
-        }
-        for (int r = 0; r < R; ++r) {
-            RC_STORE8(acc + r * D + db, c0[r]);
-            RC_STORE8(acc + r * D + db + 8, c1[r]);
-        }
-    }
-    for (; db + 8 <= D; db += 8) {
-        vec8 c0[R];
-        for (int r = 0; r < R; ++r) RC_LOAD8(c0[r], acc + r * D + db);
-        for (int64_t j = 0; j < nk; ++j) {
-            vec8 v0;
-            RC_LOAD8(v0, v + j * D + db);
-            for (int r = 0; r < R; ++r) c0[r] += p[r * KB + j] * v0;
-        }
-        for (int r = 0; r < R; ++r) RC_STORE8(acc + r * D + db, c0[r]);
-    }
-    for (; db < D; ++db) {  // the last D % 8 columns
+    for (; db + C * W <= D; db += C * W) pv_tile<V, R, C>(p, v, nk, D, db, acc);
+    for (; db + W <= D; db += W) pv_tile<V, R, 1>(p, v, nk, D, db, acc);
+    for (; db < D; ++db) {
         for (int r = 0; r < R; ++r) {
             float c = acc[r * D + db];
             for (int64_t j = 0; j < nk; ++j) c += p[r * KB + j] * v[j * D + db];
@@ -137,124 +252,48 @@ RC_INLINE void pv_rows(const float* p, const float* v, int64_t nk, int64_t D, fl
     }
 }
 
-#undef RC_LOAD8
-#undef RC_STORE8
-#else
-template <int R>
-RC_INLINE void score_rows(const float* qs, const float* kT, int64_t D, float* s) {
-    for (int r = 0; r < R; ++r) {
-        float* row = s + r * KB;
-        for (int64_t j = 0; j < KB; ++j) row[j] = 0.0f;
-        for (int64_t d = 0; d < D; ++d) {
-            const float a = qs[r * D + d];
-            const float* kr = kT + d * KB;
-            for (int64_t j = 0; j < KB; ++j) row[j] += a * kr[j];
-        }
-    }
-}
-
-template <int R>
-RC_INLINE void pv_rows(const float* p, const float* v, int64_t nk, int64_t D, float* acc) {
-    for (int r = 0; r < R; ++r) {
-        float* row = acc + r * D;
-        for (int64_t j = 0; j < nk; ++j) {
-            const float a = p[r * KB + j];
-            for (int64_t d = 0; d < D; ++d) row[d] += a * v[j * D + d];
-        }
-    }
-}
-#endif
-
-RC_INLINE void tile_scores(const float* qs, int64_t nq, const float* kT, int64_t D, float* s) {
-    int64_t i = 0;
-    for (; i + 4 <= nq; i += 4) score_rows<4>(qs + i * D, kT, D, s + i * KB);
-    for (; i < nq; ++i) score_rows<1>(qs + i * D, kT, D, s + i * KB);
-}
-
-/// acc[i] += Σ_{j < nk} p[i][j] v[j] for i < nq.
+template <class V, int R>
 RC_INLINE void tile_pv(const float* p, int64_t nq, const float* v, int64_t nk, int64_t D, float* acc) {
+    constexpr int C = score_cols<V>();
+    // Heads narrower than one wide column block take C times as many rows per tile instead, so
+    // that the tile still has R * C independent accumulators.
+    constexpr int RN = R * C;
     int64_t i = 0;
-    for (; i + 4 <= nq; i += 4) pv_rows<4>(p + i * KB, v, nk, D, acc + i * D);
-    for (; i < nq; ++i) pv_rows<1>(p + i * KB, v, nk, D, acc + i * D);
+    if (D < C * lanes<V>()) {
+        for (; i + RN <= nq; i += RN) pv_rows<V, RN>(p + i * KB, v, nk, D, acc + i * D);
+    }
+    for (; i + R <= nq; i += R) pv_rows<V, R>(p + i * KB, v, nk, D, acc + i * D);
+    for (; i < nq; ++i) pv_rows<V, 1>(p + i * KB, v, nk, D, acc + i * D);
 }
 
-/// exp(x) for the softmax arguments x <= 0 (any x <= 88 works): Cody-Waite reduction and the
-/// Cephes minimax polynomial, about 1 ulp; exactly 0 below -87 (and for -inf). Plain arithmetic,
-/// so loops calling it vectorize (std::exp would be a scalar libm call per element).
-RC_INLINE float exp_approx(float x) {
-    const float xc = std::min(std::max(x, -87.0f), 88.0f);
-    const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-    const float n = (xc * 1.44269504088896341f + round_magic) - round_magic;
-    float r = xc - n * 0.693359375f;  // ln 2 split in a high part exact in float ...
-    r = r - n * -2.12194440e-4f;      // ... and the low rest
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return x < -87.0f ? 0.0f : p * scale;
-}
+// ---- the passes -----------------------------------------------------------------------------
 
-constexpr int64_t LANES = 8;  // independent partial max / sum accumulators
-
-/// max of x[lo:hi].
-RC_INLINE float range_max(const float* x, int64_t lo, int64_t hi) {
-    const float neg_inf = -std::numeric_limits<float>::infinity();
-    float lane[LANES];
-    for (int64_t l = 0; l < LANES; ++l) lane[l] = neg_inf;
-    int64_t j = lo;
-    for (; j + LANES <= hi; j += LANES) {
-        for (int64_t l = 0; l < LANES; ++l) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];
-    }
-    for (int64_t l = 0; j < hi; ++j, ++l) lane[l] = x[j] > lane[l] ? x[j] : lane[l];
-    float m = lane[0];
-    for (int64_t l = 1; l < LANES; ++l) m = lane[l] > m ? lane[l] : m;
-    return m;
-}
-
-/// Σ_{j in [lo, hi)} exp(x[j] - m); with `store`, also x[j] = exp(x[j] - m).
-template <bool store>
-RC_INLINE float range_exp_sum(float* x, int64_t lo, int64_t hi, float m) {
-    float lane[LANES];
-    for (int64_t l = 0; l < LANES; ++l) lane[l] = 0.0f;
-    int64_t j = lo;
-    for (; j + LANES <= hi; j += LANES) {
-        for (int64_t l = 0; l < LANES; ++l) {
-            const float p = exp_approx(x[j + l] - m);
-            if (store) x[j + l] = p;
-            lane[l] += p;
-        }
-    }
-    for (int64_t l = 0; j < hi; ++j, ++l) {
-        const float p = exp_approx(x[j] - m);
-        if (store) x[j] = p;
-        lane[l] += p;
-    }
-    float sum = 0.0f;
-    for (int64_t l = 0; l < LANES; ++l) sum += lane[l];
-    return sum;
+/// Pass 0: key tile kt of head (b, h) into the packed buffer.
+void pack_task(const AttnArgs& a, int64_t task) {
+    const int64_t n_ktiles = ceil_div(a.N, KB);
+    const int64_t bh = task / n_ktiles, kt = task % n_ktiles;
+    const int64_t k0 = kt * KB;
+    pack_keys(a.k + (bh * a.N + k0) * a.D, std::min(KB, a.N - k0), a.D, a.scale,
+              const_cast<float*>(a.kT) + task * a.D * KB);
 }
 
 /// Pass 1: rows [r0, r0 + QB) of head (b, h).
-RC_CLONES void attention_task(const AttnArgs& a, int64_t task, float* scratch) {
+template <class V, int R>
+RC_INLINE void attention_task(const AttnArgs& a, int64_t task, float* scratch) {
+    constexpr int64_t W = lanes<V>();
+    constexpr int64_t CW = score_cols<V>() * W;
     const int64_t D = a.D, N = a.N;
     const int64_t n_qblocks = ceil_div(N, QB);
+    const int64_t n_ktiles = ceil_div(N, KB);
     const int64_t bh = task / n_qblocks;
     const int64_t r0 = (task % n_qblocks) * QB;
     const int64_t nq = std::min(QB, N - r0);
     const int64_t base = bh * N * D;
-    const float* qh = a.q + base;
-    const float* kh = a.k + base;
+    const float* qh = a.q + base + r0 * D;
     const float* vh = a.v + base;
+    const float* kTh = a.kT + bh * n_ktiles * D * KB;
 
-    float* qs = scratch;
-    float* kT = qs + QB * D;
-    float* s = kT + D * KB;
+    float* s = scratch + D * KB;
     float* acc = s + QB * KB;
     float* m = acc + QB * D;  // running max over all keys
     float* l = m + QB;        // running sum of exp(s - m)
@@ -262,44 +301,60 @@ RC_CLONES void attention_task(const AttnArgs& a, int64_t task, float* scratch) {
     float* li = mi + QB;
 
     const float neg_inf = -std::numeric_limits<float>::infinity();
-    load_scaled_rows(qh + r0 * D, nq, D, a.scale, qs);
-    for (int64_t i = 0; i < nq * D; ++i) acc[i] = 0.0f;
-    for (int64_t i = 0; i < QB; ++i) {
-        m[i] = mi[i] = neg_inf;
-        l[i] = li[i] = 0.0f;
-    }
+    std::fill(acc, acc + nq * D, 0.0f);
+    std::fill(m, m + QB, neg_inf);
+    std::fill(mi, mi + QB, neg_inf);
+    std::fill(l, l + QB, 0.0f);
+    std::fill(li, li + QB, 0.0f);
     const int64_t img_lo = a.text_len, img_hi = a.text_len + a.image_len;
     const int64_t n_text = std::clamp<int64_t>(a.text_len - r0, 0, nq);
 
-    for (int64_t k0 = 0; k0 < N; k0 += KB) {
+    for (int64_t kt = 0; kt < n_ktiles; ++kt) {
+        const int64_t k0 = kt * KB;
         const int64_t nk = std::min(KB, N - k0);
-        load_keys_transposed(kh + k0 * D, nk, D, kT);
-        tile_scores(qs, nq, kT, D, s);
-        if (nk < KB) {  // padding keys of the last tile get probability 0
-            for (int64_t i = 0; i < nq; ++i) {
-                for (int64_t j = nk; j < KB; ++j) s[i * KB + j] = neg_inf;
-            }
-        }
+        const int64_t nv = ceil_div(nk, W);  // vectors covering the real keys of a row
+        tile_scores<V, R>(qh, nq, kTh + kt * D * KB, D, ceil_div(nk, CW) * CW, s);
         const int64_t j0 = std::clamp<int64_t>(img_lo - k0, 0, nk);
         const int64_t j1 = std::clamp<int64_t>(img_hi - k0, 0, nk);
         for (int64_t i = 0; i < nq; ++i) {
             float* srow = s + i * KB;
+            for (int64_t j = nk; j < nv * W; ++j) srow[j] = neg_inf;  // padding keys: p = 0
             if (i < n_text && j0 < j1) {  // image-only log-sum-exp of a text query row
-                const float m_new = std::max(mi[i], range_max(srow, j0, j1));
-                const float sum = range_exp_sum<false>(srow, j0, j1, m_new);
-                li[i] = li[i] * std::exp(mi[i] - m_new) + sum;
+                const V lo = splat<V>(static_cast<float>(j0)), hi = splat<V>(static_cast<float>(j1));
+                V mx = splat<V>(neg_inf);
+                for (int64_t t = j0 / W; t * W < j1; ++t) {
+                    const V idx = iota<V>(static_cast<float>(t * W));
+                    const V x = load<V>(srow + t * W);
+                    mx = vmax(mx, (idx >= lo) & (idx < hi) ? x : splat<V>(neg_inf));
+                }
+                const float m_new = std::max(mi[i], hmax(mx));
+                V sum{};
+                for (int64_t t = j0 / W; t * W < j1; ++t) {
+                    const V idx = iota<V>(static_cast<float>(t * W));
+                    const V e = exp_approx(load<V>(srow + t * W) - m_new);
+                    sum += (idx >= lo) & (idx < hi) ? e : V{};
+                }
+                li[i] = li[i] * std::exp(mi[i] - m_new) + hsum(sum);
                 mi[i] = m_new;
             }
-            const float m_new = std::max(m[i], range_max(srow, 0, KB));
+            V mx = splat<V>(neg_inf);
+            for (int64_t t = 0; t < nv; ++t) mx = vmax(mx, load<V>(srow + t * W));
+            const float m_new = std::max(m[i], hmax(mx));
             const float alpha = std::exp(m[i] - m_new);
-            l[i] = l[i] * alpha + range_exp_sum<true>(srow, 0, KB, m_new);
+            V sum{};
+            for (int64_t t = 0; t < nv; ++t) {
+                const V e = exp_approx(load<V>(srow + t * W) - m_new);
+                store(srow + t * W, e);
+                sum += e;
+            }
+            l[i] = l[i] * alpha + hsum(sum);
             m[i] = m_new;
             if (alpha != 1.0f) {
                 float* ai = acc + i * D;
                 for (int64_t d = 0; d < D; ++d) ai[d] *= alpha;
             }
         }
-        tile_pv(s, nq, vh + k0 * D, nk, D, acc);
+        tile_pv<V, R>(s, nq, vh + k0 * D, nk, D, acc);
     }
 
     float* out = a.out + base + r0 * D;
@@ -311,7 +366,10 @@ RC_CLONES void attention_task(const AttnArgs& a, int64_t task, float* scratch) {
 }
 
 /// Pass 2: image keys [u0, u0 + KB) of head (b, h), summed over all text rows in order.
-RC_CLONES void mass_task(const AttnArgs& a, int64_t task, float* scratch, double* buf) {
+template <class V, int R>
+RC_INLINE void mass_task(const AttnArgs& a, int64_t task, float* scratch, double* buf) {
+    constexpr int64_t W = lanes<V>();
+    constexpr int64_t CW = score_cols<V>() * W;
     const int64_t D = a.D, N = a.N, T = a.text_len;
     const int64_t n_ublocks = ceil_div(a.image_len, KB);
     const int64_t bh = task / n_ublocks;
@@ -320,26 +378,80 @@ RC_CLONES void mass_task(const AttnArgs& a, int64_t task, float* scratch, double
     const int64_t nu = std::min(KB, a.image_len - u0);
     const int64_t base = bh * N * D;
 
-    float* qs = scratch;
-    float* kT = qs + QB * D;
+    float* kT = scratch;
     float* s = kT + D * KB;
-    load_keys_transposed(a.k + base + (T + u0) * D, nu, D, kT);
-    for (int64_t j = 0; j < KB; ++j) buf[j] = 0.0;
+    // The same scale * k values as pass 1, so the logits match those of lse_img bit for bit.
+    pack_keys(a.k + base + (T + u0) * D, nu, D, a.scale, kT);
+    std::fill(buf, buf + KB, 0.0);
     const float* lse = a.lse_img + bh * T;
     const float* w = a.weights ? a.weights + b * T : nullptr;
+    const int64_t nv = ceil_div(nu, W);
     for (int64_t r0 = 0; r0 < T; r0 += QB) {
         const int64_t nr = std::min(QB, T - r0);
-        load_scaled_rows(a.q + base + r0 * D, nr, D, a.scale, qs);
-        tile_scores(qs, nr, kT, D, s);
+        tile_scores<V, R>(a.q + base + r0 * D, nr, kT, D, ceil_div(nu, CW) * CW, s);
         for (int64_t i = 0; i < nr; ++i) {
             const float c = lse[r0 + i];
             const float wi = w ? w[r0 + i] : 1.0f;
-            const float* srow = s + i * KB;
-            for (int64_t j = 0; j < nu; ++j) buf[j] += static_cast<double>(wi * exp_approx(srow[j] - c));
+            float* srow = s + i * KB;
+            for (int64_t t = 0; t < nv; ++t) {
+                store(srow + t * W, wi * exp_approx(load<V>(srow + t * W) - c));
+            }
+            for (int64_t j = 0; j < nu; ++j) buf[j] += static_cast<double>(srow[j]);
         }
     }
     double* hm = a.head_mass + bh * a.image_len + u0;
     for (int64_t j = 0; j < nu; ++j) hm[j] = buf[j];
+}
+
+// ---- ISA dispatch ---------------------------------------------------------------------------
+// setup.py builds for the baseline target; the task bodies are instantiated once per ISA level
+// with the matching vector width (x86-64-v4: AVX-512, 16 lanes; v3: AVX2+FMA, 8 lanes; baseline:
+// 4 lanes), inlined into a wrapper compiled for that ISA, and picked once by CPU features.
+// (common.h's RC_CLONES cannot be used: target_clones compiles one body, so one vector width.)
+using AttentionFn = void (*)(const AttnArgs&, int64_t, float*);
+using MassFn = void (*)(const AttnArgs&, int64_t, float*, double*);
+struct TaskFns {
+    AttentionFn attention;
+    MassFn mass;
+};
+
+#if defined(__GNUC__)
+using BaseVec = vf4;
+#else
+using BaseVec = float;
+#endif
+void attention_base(const AttnArgs& a, int64_t t, float* s) { attention_task<BaseVec, 4>(a, t, s); }
+void mass_base(const AttnArgs& a, int64_t t, float* s, double* buf) { mass_task<BaseVec, 4>(a, t, s, buf); }
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RC_X86_DISPATCH 1
+#define RC_TARGET(isa) __attribute__((target(isa), noinline))
+RC_TARGET("arch=x86-64-v3") void attention_v3(const AttnArgs& a, int64_t t, float* s) {
+    attention_task<vf8, 4>(a, t, s);
+}
+RC_TARGET("arch=x86-64-v3") void mass_v3(const AttnArgs& a, int64_t t, float* s, double* buf) {
+    mass_task<vf8, 4>(a, t, s, buf);
+}
+RC_TARGET("arch=x86-64-v4") void attention_v4(const AttnArgs& a, int64_t t, float* s) {
+    attention_task<vf16, 4>(a, t, s);
+}
+RC_TARGET("arch=x86-64-v4") void mass_v4(const AttnArgs& a, int64_t t, float* s, double* buf) {
+    mass_task<vf16, 4>(a, t, s, buf);
+}
+#endif
+
+// Building with -DRCGRPO_ACD_MAX_ISA=3 (or 0) caps the level, to test the narrower kernels.
+#ifndef RCGRPO_ACD_MAX_ISA
+#define RCGRPO_ACD_MAX_ISA 4
+#endif
+
+TaskFns select_task_fns() {
+#ifdef RC_X86_DISPATCH
+    __builtin_cpu_init();
+    if (RCGRPO_ACD_MAX_ISA >= 4 && __builtin_cpu_supports("x86-64-v4")) return {attention_v4, mass_v4};
+    if (RCGRPO_ACD_MAX_ISA >= 3 && __builtin_cpu_supports("x86-64-v3")) return {attention_v3, mass_v3};
+#endif
+    return {attention_base, mass_base};
 }
 
 }  // namespace
@@ -347,26 +459,34 @@ RC_CLONES void mass_task(const AttnArgs& a, int64_t task, float* scratch, double
 void acd_attention_cpu(const float* q, const float* k, const float* v, const float* weights,
                        float* out, float* mass, int64_t B, int64_t H, int64_t N, int64_t D,
                        int64_t text_len, int64_t image_len, float scale, int num_threads) {
+    static const TaskFns fns = select_task_fns();
     const int nt = std::max(1, num_threads);
+    const int64_t n_ktiles = ceil_div(N, KB);
+    // Uninitialized: pass 0 writes every element (padding included).
+    std::unique_ptr<float[]> kT(new float[static_cast<size_t>(B * H * n_ktiles * D * KB)]);
     std::vector<float> lse(static_cast<size_t>(B * H * text_len));
     std::vector<double> head_mass(static_cast<size_t>(B * H * image_len));
     const int64_t per_thread = scratch_floats(D);
     std::vector<float> scratch(static_cast<size_t>(nt * per_thread));
     std::vector<double> mass_buf(static_cast<size_t>(nt * KB));
-    const AttnArgs args{q, k, v, weights, out, lse.data(), head_mass.data(),
+    const AttnArgs args{q, k, v, weights, kT.get(), out, lse.data(), head_mass.data(),
                         B, H, N, D, text_len, image_len, scale};
 
+    const int64_t n_pass0 = B * H * n_ktiles;
     const int64_t n_pass1 = B * H * ceil_div(N, QB);
     const int64_t n_pass2 = B * H * ceil_div(image_len, KB);
 #pragma omp parallel num_threads(nt)
     {
         float* mine = scratch.data() + thread_index() * per_thread;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n_pass0; ++t) pack_task(args, t);
+        // implicit barrier: every key tile is packed before pass 1 reads it
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < n_pass1; ++t) attention_task(args, t, mine);
+        for (int64_t t = 0; t < n_pass1; ++t) fns.attention(args, t, mine);
         // implicit barrier: every lse_img is written before pass 2 reads it
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < n_pass2; ++t) {
-            mass_task(args, t, mine, mass_buf.data() + thread_index() * KB);
+            fns.mass(args, t, mine, mass_buf.data() + thread_index() * KB);
         }
     }
     // Mean over heads, in head order.
