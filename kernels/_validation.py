@@ -21,10 +21,11 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES, 
 def check_finite(name: str, t: torch.Tensor, *, op: str) -> None:
     """Reject NaN/inf. Skipped for CUDA tensors, where the check would force a host sync per call.
 
+    Also skipped while torch.compile traces (a data-dependent branch would break the graph).
     Uses two allocation-free reductions (NaN propagates through max/min; ±inf shows in one of them)
     instead of materializing `isfinite(t)`.
     """
-    if t.device.type == "cuda" or t.numel() == 0:
+    if t.device.type == "cuda" or t.numel() == 0 or torch.compiler.is_compiling():
         return
     extremes = torch.stack([t.amax(), t.amin()])
     if not bool(torch.isfinite(extremes).all()):
