@@ -219,15 +219,11 @@ def make_attention_inputs(shape: AttnShape, device: torch.device, seed: int = 0)
 
 
 def eager_attention(q, k, v, text_len, image_len):
-    """What attention-map tools do: materialize softmax(q kᵀ·scale) [B,H,N,N], multiply by v, then read
-    the text×image block out of the weights and renormalize it over the image keys (SPEC §7)."""
-    scale = q.shape[-1] ** -0.5
-    weights = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
-    out = torch.matmul(weights, v)
-    block = weights[:, :, :text_len, text_len : text_len + image_len].float()
-    block = block / block.sum(dim=-1, keepdim=True)
-    mass = block.sum(dim=2).mean(dim=1)  # Σ_v, then (1/H) Σ_h → [B, image_len]
-    return out, mass
+    """What attention-map tools do: materialize softmax(q kᵀ·scale), multiply by v, read the mass from
+    the weights (`rcgrpo_kernels.acd_attention.acd_attention_eager`, the one copy of that baseline)."""
+    from rcgrpo_kernels.acd_attention import acd_attention_eager
+
+    return acd_attention_eager(q, k, v, text_len, image_len)
 
 
 def attention_callable(provider: str, inputs: dict):

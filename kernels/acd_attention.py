@@ -132,6 +132,29 @@ def acd_attention_torch(q, k, v, text_len, image_len, scale, text_weights):
     return out, mass / heads
 
 
+def acd_attention_eager(q, k, v, text_len, image_len, scale=None, text_weights=None):
+    """The baseline the op replaces, as attention-map tools compute it: per sample, materialize the
+    weights softmax(q kᵀ·scale) `[H, N, N]` (fp32 softmax cast to q's dtype, like transformers' eager
+    attention), out = weights @ v, and read the mass from the text×image block of the weights
+    renormalized over the image keys. Needs H·N² memory per sample; used by benchmarks and the dry run.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out = torch.empty_like(q)
+    mass = torch.empty(q.shape[0], image_len, dtype=torch.float32, device=q.device)
+    image = slice(text_len, text_len + image_len)
+    for b in range(q.shape[0]):
+        weights = torch.softmax(torch.matmul(q[b], k[b].transpose(-1, -2)) * scale, dim=-1, dtype=torch.float32)
+        weights = weights.to(q.dtype)
+        out[b] = torch.matmul(weights, v[b])
+        block = weights[:, :text_len, image].float()
+        block = block / block.sum(dim=-1, keepdim=True)  # rows renormalized over the image keys
+        if text_weights is not None:
+            block = block * text_weights[b].float()[None, :, None]
+        mass[b] = block.sum(1).mean(0)
+        del weights, block
+    return out, mass
+
+
 def _run_backend(q, k, v, text_len, image_len, scale, text_weights, backend, mode):
     if backend == "torch":
         return acd_attention_torch(q, k, v, text_len, image_len, scale, text_weights)
@@ -171,4 +194,4 @@ def attention_flops(batch: int, heads: int, seq: int, head_dim: int) -> float:
     return 4.0 * batch * heads * seq * seq * head_dim
 
 
-__all__ = ["acd_attention", "acd_attention_torch", "attention_flops", "MODES"]
+__all__ = ["acd_attention", "acd_attention_eager", "acd_attention_torch", "attention_flops", "MODES"]

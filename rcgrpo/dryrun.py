@@ -688,28 +688,11 @@ class _BackwardMark(torch.autograd.Function):
 
 
 def eager_acd_attention(q, k, v, text_len, image_len, *, scale=None, text_weights=None, backend="auto", mode="fused"):
-    """Reference ACD attention that materializes the weights (the baseline the fused op replaces).
+    """`acd_attention`'s signature over the materialized baseline `acd_attention_eager` (the path the op replaces)."""
+    from rcgrpo_kernels.acd_attention import acd_attention_eager
 
-    Same contract as `rcgrpo_kernels.acd_attention`; per sample: logits `[H, N, N]` in q's dtype,
-    softmax in fp32, then the text→target-image rows renormalized over the image keys (SPEC §7).
-    """
     del backend, mode
-    batch, heads, seq, head_dim = q.shape
-    scale = head_dim**-0.5 if scale is None else float(scale)
-    out = torch.empty_like(q)
-    mass = torch.empty(batch, image_len, dtype=torch.float32, device=q.device)
-    image = slice(text_len, text_len + image_len)
-    for i in range(batch):
-        logits = torch.matmul(q[i], k[i].transpose(-1, -2)) * scale  # [H, N, N]
-        probs = torch.softmax(logits.float(), dim=-1)
-        out[i] = torch.matmul(probs.to(v.dtype), v[i])
-        del probs
-        rows = torch.softmax(logits[:, :text_len, image].float(), dim=-1)  # [H, text, image]
-        if text_weights is not None:
-            rows = rows * text_weights[i].float()[None, :, None]
-        mass[i] = rows.sum(1).mean(0)
-        del logits, rows
-    return out, mass
+    return acd_attention_eager(q, k, v, text_len, image_len, scale=scale, text_weights=text_weights)
 
 
 @contextlib.contextmanager

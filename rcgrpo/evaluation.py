@@ -50,7 +50,8 @@ import torch
 import torch.nn as nn
 
 from .compbench import TASKS, CompBenchDataset, CompBenchRecord
-from .rewards import DEFAULT_CLIP_MODEL, PSNR_CAP_DB, ClipEncoder, WeightsUnavailableError
+from .rewards import (DEFAULT_CLIP_MODEL, PSNR_CAP_DB, ClipEncoder, WeightsUnavailableError, background_psnr,
+                      background_ssim, masked_background)
 
 METRICS = ("LC-I", "LC-T", "PSNR", "SSIM", "LPIPS")
 HIGHER_IS_BETTER = {"LC-I": True, "LC-T": True, "PSNR": True, "SSIM": True, "LPIPS": False}
@@ -232,7 +233,6 @@ def compute_example_metrics(source, edited, mask, ground_truth, captions: Sequen
     Metrics whose model is None (clip, lpips) are left out; LC-I is NaN without a ground truth.
     """
     from PIL import Image
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     src = source.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
@@ -240,14 +240,15 @@ def compute_example_metrics(source, edited, mask, ground_truth, captions: Sequen
     msk = mask.convert("L").resize((size, size), Image.Resampling.NEAREST)
     gt = ground_truth.convert("RGB").resize((size, size), Image.Resampling.BICUBIC) if ground_truth is not None else None
 
-    bg_keep = 1.0 - torch.from_numpy(np.asarray(msk, dtype=np.float32) / 255.0)[None, None].to(device)
-    bg_src = _pil_to_tensor(src)[None].to(device) * bg_keep
-    bg_out = _pil_to_tensor(out)[None].to(device) * bg_keep
-    result: dict[str, float] = {}
-    psnr = float(peak_signal_noise_ratio(bg_out, bg_src, data_range=1.0))
-    result["PSNR"] = psnr_cap_db if (math.isnan(psnr) or psnr > psnr_cap_db) else psnr
-    result["SSIM"] = float(structural_similarity_index_measure(bg_out, bg_src, data_range=1.0))
+    mask_t = torch.from_numpy(np.asarray(msk, dtype=np.float32) / 255.0)[None, None].to(device)
+    src_t = _pil_to_tensor(src)[None].to(device)
+    out_t = _pil_to_tensor(out)[None].to(device)
+    result: dict[str, float] = {
+        "PSNR": float(background_psnr(out_t, src_t, mask_t, cap_db=psnr_cap_db)[0]),
+        "SSIM": float(background_ssim(out_t, src_t, mask_t)[0]),
+    }
     if lpips is not None:
+        bg_src, bg_out = masked_background(src_t, mask_t), masked_background(out_t, mask_t)
         result["LPIPS"] = float(lpips(bg_out * 2 - 1, bg_src * 2 - 1).reshape(-1)[0])
     if clip is not None:
         box = official_crop_box(msk)
