@@ -786,17 +786,18 @@ def _config_for_saving(config: RCGRPOConfig) -> dict:
 
 
 def _check_reward(values, batch: int, name: str) -> torch.Tensor:
+    """`rcgrpo.rewards.check_reward_output` on the CPU; lists/arrays are accepted; failures raise BadRewardError."""
+    from .rewards import check_reward_output
+
     if not isinstance(values, torch.Tensor):
         try:
             values = torch.as_tensor(values, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError):
-            raise BadRewardError(f"reward {name!r} returned {type(values).__name__}, expected a float tensor [{batch}]") from None
-    values = values.detach().float().reshape(-1) if values.dim() <= 1 or values.numel() == batch else values
-    if values.dim() != 1 or values.numel() != batch:
-        raise BadRewardError(f"reward {name!r} returned shape {tuple(values.shape)}, expected [{batch}]")
-    if not bool(torch.isfinite(values).all()):
-        raise BadRewardError(f"reward {name!r} returned NaN or inf values")
-    return values.cpu()
+            raise BadRewardError(f"reward {name!r} returned {type(values).__name__}; expected a float tensor [{batch}]") from None
+    try:
+        return check_reward_output(values.detach(), batch, name).cpu()
+    except ValueError as exc:
+        raise BadRewardError(str(exc)) from None
 
 
 def _resize_example(image: torch.Tensor, mask: torch.Tensor, size: int):

@@ -137,7 +137,7 @@ def test_non_finite_reward_policy(tmp_path, policy):
     cfg = small_config(tmp_path, bad_reward_policy=policy)
     tr = RCGRPOTrainer(tiny_kontext_pipeline(0), cfg, [("nan_reward", nan_reward)], SquareDataset(2, size=32))
     if policy == "stop":
-        with pytest.raises(RuntimeError, match="reward 'nan_reward' returned NaN or inf"):
+        with pytest.raises(RuntimeError, match="reward 'nan_reward' returned non-finite values at indices \\[1\\]"):
             tr.rollout_group(0, 0, 0)
     else:
         with pytest.warns(UserWarning, match="skipping group"):
@@ -148,7 +148,7 @@ def test_non_finite_reward_policy(tmp_path, policy):
 def test_wrong_length_reward_rejected(tmp_path):
     cfg = small_config(tmp_path)
     tr = RCGRPOTrainer(tiny_kontext_pipeline(0), cfg, [("short", lambda e, *_: torch.zeros(2))], SquareDataset(2, size=32))
-    with pytest.raises(RuntimeError, match=r"reward 'short' returned shape \(2,\), expected \[4\]"):
+    with pytest.raises(RuntimeError, match=r"reward 'short' returned shape \(2,\); expected \[4\]"):
         tr.rollout_group(0, 0, 0)
 
 
