@@ -113,24 +113,17 @@ def write_training_report(trainer, *, before: float | None, after: float | None,
 
 
 def save_example_heatmap(trainer, item, index: int, path) -> None:
-    """ACD heatmap (mean over layers and steps) of the deterministic edit of one example."""
+    """ACD heatmap (mean over layers and steps) of the deterministic edit `trainer.edit_example` makes."""
     from .masks import token_mask_for_image
-    from .rollout import latent_shape, rollout
     from .trainer import _resize_example, as_edit_example
 
-    cfg = trainer.config
-    size = cfg.resolution
-    image, mask, instruction, _, _ = as_edit_example(item, index)
+    size = trainer.config.resolution
+    image, mask, *_ = as_edit_example(item, index)
     if image.shape[1] != size or image.shape[2] != size:
         image, mask = _resize_example(image, mask, size)
     token_mask = token_mask_for_image(mask, size, size, trainer.pipe.vae_scale_factor)
-    n_img, channels = latent_shape(trainer.pipe, size, size)
-    noise = torch.randn((1, n_img, channels), generator=torch.Generator().manual_seed(12345 + index))
-    dtype = trainer.transformer.dtype
     with trainer.recorder.capture(token_mask.to(trainer.device)) as cap:
-        rollout(trainer.pipe, image[None].to(trainer.device, dtype), instruction, noise.to(trainer.device, dtype),
-                num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, height=size, width=size,
-                max_sequence_length=cfg.max_sequence_length, decode=False)
+        trainer.edit_example(item, index)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image, mask = upscale_for_display(image), upscale_for_display(mask[None])[0]
     trainer.recorder.heatmap(image, path, capture=cap, mask=mask)
