@@ -18,7 +18,7 @@ import torch
 from .images import image_grid, load_image, load_mask, save_image
 from .masks import element_mask, token_mask_for_image
 from .rdp import region_decoupled_noise
-from .rollout import latent_shape, rollout
+from .rollout import background_drift, latent_shape, rollout
 from .synthetic import EditExample, square_example
 
 
@@ -29,7 +29,7 @@ class CandidateReport:
     edit_change: float  # RMS pixel change vs the reference candidate inside the mask
     background_drift: float  # RMS pixel change vs the reference candidate outside the mask
     latent_background_drift: float  # mean squared final-latent difference outside the mask
-    acd: float | None
+    acd: float  # R_acd of the candidate (mean over the recorded layers and steps)
 
 
 def perturbation_schemes(alpha_edit: float, alpha_base: float, global_sigma: float) -> dict[str, tuple[float, float]]:
@@ -74,35 +74,27 @@ def edit_group(
             noises = region_decoupled_noise((n_img, channels), latent_mask, group_size=group_size,
                                             alpha_edit=a_edit, alpha_base=a_base, generator=gen)
             source = example.image[None].to(device=device, dtype=dtype)
-            acd_values = None
-            if recorder is not None:
-                with recorder.capture(token_mask.to(device)) as cap:
-                    result = rollout(pipe, source, example.instruction, noises.to(device=device, dtype=dtype),
-                                     num_steps=num_steps, guidance_scale=guidance_scale, height=height,
-                                     width=width, max_sequence_length=max_sequence_length)
-                acd_values = cap.reward().float().cpu()
-            else:
+            with recorder.capture(token_mask.to(device)) as cap:
                 result = rollout(pipe, source, example.instruction, noises.to(device=device, dtype=dtype),
-                                 num_steps=num_steps, guidance_scale=guidance_scale, height=height, width=width,
-                                 max_sequence_length=max_sequence_length)
+                                 num_steps=num_steps, guidance_scale=guidance_scale, height=height,
+                                 width=width, max_sequence_length=max_sequence_length)
+            acd_values = cap.reward().float().cpu()
             imgs = result.images.float().cpu()
             images[scheme] = imgs
-            final = result.states[:, -1].float().cpu()
-            bg = 1.0 - latent_mask
+            latent_drift = background_drift(result.states[:, -1], token_mask).cpu()
             for i in range(group_size):
                 reports.append(CandidateReport(
                     scheme=scheme,
                     index=i,
                     edit_change=region_rms(imgs[i], imgs[0], example.mask),
                     background_drift=region_rms(imgs[i], imgs[0], 1.0 - example.mask),
-                    latent_background_drift=float(((final[i] - final[0]).square() * bg).sum() / bg.sum()),
-                    acd=None if acd_values is None else float(acd_values[i]),
+                    latent_background_drift=float(latent_drift[i]),
+                    acd=float(acd_values[i]),
                 ))
     finally:
-        if recorder is not None:
-            from .attention import detach_acd
+        from .attention import detach_acd
 
-            detach_acd(pipe.transformer)
+        detach_acd(pipe.transformer)
     return reports, images
 
 
@@ -125,8 +117,7 @@ def format_report(reports: list[CandidateReport]) -> str:
         cells = []
         for s in schemes:
             r = by_scheme[s][i]
-            acd = "   -  " if r.acd is None else f"{r.acd:6.3f}"
-            cells.append(f"     {r.edit_change:8.4f} {r.background_drift:8.4f} {acd}")
+            cells.append(f"     {r.edit_change:8.4f} {r.background_drift:8.4f} {r.acd:6.3f}")
         tag = f"{i:>4d}" + ("*" if i == 0 else " ")
         lines.append(tag + "| " + " | ".join(cells))
     lines.append("-" * len(header))

@@ -208,3 +208,11 @@ def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tenso
     if dt.dim() == 1:
         dt = dt[:, None, None]
     return (latents.to(torch.float32) + dt * velocity.to(torch.float32)).to(velocity.dtype)
+
+
+def background_drift(final_states: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Per candidate, the mean squared difference of its final latent `[G, N_img, C]` to the reference
+    candidate 0 over the background elements (token mask `[N_img]`, 1 = edit): `[G]`, entry 0 is 0."""
+    final = final_states.float()
+    background = (1.0 - token_mask.to(device=final.device, dtype=final.dtype))[:, None].expand_as(final[0])
+    return ((final - final[0]).square() * background).sum((-1, -2)) / background.sum().clamp_min(1e-12)

@@ -29,7 +29,7 @@ from .config import RCGRPOConfig
 from .masks import element_mask, token_mask_for_image
 from .policy import grpo_loss, surrogate_log_probs
 from .rdp import region_decoupled_noise
-from .rollout import latent_shape, predict_velocity, rollout
+from .rollout import background_drift, latent_shape, predict_velocity, rollout
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -271,9 +271,7 @@ class RCGRPOTrainer:
             raise
         task = sum(w * components[name] for name, _, w in self.reward_funcs)
         states = result.states
-        final = states[:, -1].float()
-        bg = (1.0 - token_mask.to(final.device))[:, None]
-        drift = ((final[1:] - final[0]).square() * bg).sum((-1, -2)) / (bg.sum() * channels)
+        drift = background_drift(states[:, -1], token_mask)[1:]
         if cfg.offload_states:
             states = states.cpu()
         return GroupRollout(
