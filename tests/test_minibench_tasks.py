@@ -1,0 +1,139 @@
+"""MiniBench task generator: determinism, split separation, geometry, the trainer's item contract."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rcgrpo.minibench import tasks as T
+
+
+def test_same_seed_same_example_and_different_seeds_differ():
+    a = T.generate_example(T.example_seed(0, "train", 3), size=32)
+    b = T.generate_example(T.example_seed(0, "train", 3), size=32)
+    assert torch.equal(a.image, b.image) and torch.equal(a.target, b.target) and torch.equal(a.mask, b.mask)
+    assert a.instruction == b.instruction and a.metadata == b.metadata
+    c = T.generate_example(T.example_seed(0, "train", 4), size=32)
+    assert not torch.equal(a.image, c.image)
+
+
+def test_dataset_is_deterministic_and_balanced():
+    d1 = T.MiniBenchDataset(12, split="train", seed=5)
+    d2 = T.MiniBenchDataset(12, split="train", seed=5, cache=False)
+    assert len(d1) == 12
+    for i in range(12):
+        assert torch.equal(d1[i].image, d2[i].image) and d1[i].instruction == d2[i].instruction
+    assert [d1[i].task for i in range(6)] == ["add", "remove", "replace"] * 2
+    pt = T.MiniBenchDataset(split="heldout", per_task=4, seed=1)
+    assert [e.task for e in pt] == ["add"] * 4 + ["remove"] * 4 + ["replace"] * 4
+    assert T.MiniBenchDataset(3, seed=6)[0].instruction != d1[0].instruction or \
+        not torch.equal(T.MiniBenchDataset(3, seed=6)[0].image, d1[0].image)
+
+
+def test_splits_never_share_seeds_or_images():
+    for base_a in (0, 1, 7):
+        train = set(T.MiniBenchDataset(300, split="train", seed=base_a).seeds)
+        for base_b in (0, 1, 7):
+            held = set(T.MiniBenchDataset(split="heldout", per_task=100, seed=base_b).seeds)
+            assert not train & held
+    assert all(T.split_of_seed(s) == "train" for s in train)
+    assert all(T.split_of_seed(s) == "heldout" for s in held)
+    # and no held-out image equals a train image
+    train_imgs = {T.MiniBenchDataset(150, split="train", seed=0)[i].image.numpy().tobytes() for i in range(150)}
+    held_ds = T.MiniBenchDataset(150, split="heldout", seed=0)
+    assert not any(held_ds[i].image.numpy().tobytes() in train_imgs for i in range(150))
+    assert held_ds[0].metadata["split"] == "heldout"
+
+
+@pytest.mark.parametrize("task", T.TASKS)
+@pytest.mark.parametrize("size", [32, 64])
+def test_example_contract(task, size):
+    for i in range(10):
+        ex = T.generate_example(T.example_seed(2, "train", i, task), task=task, size=size)
+        assert ex.task == task and ex.metadata["task"] == task
+        assert ex.image.shape == (3, size, size) and ex.target.shape == (3, size, size)
+        assert ex.image.dtype == torch.float32 and ex.mask.shape == (size, size)
+        assert float(ex.image.min()) >= 0 and float(ex.image.max()) <= 1
+        assert set(torch.unique(ex.mask).tolist()) <= {0.0, 1.0}
+        m = ex.mask.bool()
+        assert 0 < int(m.sum()) < size * size // 2
+        # the edit happens inside the mask only, and it does happen
+        diff = (ex.image - ex.target).abs().amax(0)
+        assert float(diff[~m].max()) == 0.0
+        assert float(diff[m].max()) > 0.2
+        spec = ex.spec
+        json.dumps(ex.metadata)  # JSON-serializable (CompBench metadata.json)
+        top, left, bottom, right = spec["mask_box"]
+        assert m[top:bottom, left:right].all() and int(m.sum()) == (bottom - top) * (right - left)
+        words = set(ex.instruction.split()) | set(ex.caption.split())
+        assert words <= set(T.VOCABULARY), words - set(T.VOCABULARY)
+        if task == "add":
+            assert spec["before"] is None and spec["after"]["color"] in ex.instruction
+            assert ex.caption == T.object_caption(spec["after"]["color"], spec["after"]["shape"])
+        elif task == "remove":
+            assert spec["after"] is None and ex.caption.endswith("background")
+            assert f'{spec["before"]["color"]} {spec["before"]["shape"]}' in ex.instruction
+        else:
+            b, a = spec["before"], spec["after"]
+            assert (b["color"], b["shape"]) != (a["color"], a["shape"])
+            assert f'{a["color"]} {a["shape"]}' in ex.instruction
+        # the named object is unique among the source objects
+        if spec["before"] is not None:
+            same = [o for o in spec["objects"] if (o["color"], o["shape"]) == (spec["before"]["color"],
+                                                                               spec["before"]["shape"])]
+            assert len(same) == 1
+
+
+def test_same_scene_at_two_sizes():
+    s = T.example_seed(0, "heldout", 0)
+    a, b = T.generate_example(s, size=32), T.generate_example(s, size=64)
+    assert a.instruction == b.instruction and a.spec["objects"][0]["center"] == b.spec["objects"][0]["center"]
+    down = torch.nn.functional.avg_pool2d(b.image[None], 2)[0]
+    assert float((down - a.image).abs().mean()) < 0.03
+
+
+def test_trainer_reads_items():
+    from rcgrpo.testing import tiny_kontext_pipeline  # noqa: F401  (rcgrpo importable)
+    import rcgrpo
+
+    trainer_mod = None
+    for name in ("rcgrpo.train.trainer", "rcgrpo.trainer"):
+        try:
+            import importlib
+
+            trainer_mod = importlib.import_module(name)
+            break
+        except ImportError:
+            continue
+    assert trainer_mod is not None and rcgrpo is not None
+    ex = T.MiniBenchDataset(2, split="train", seed=0)[1]
+    image, mask, instruction, example_id, metadata = trainer_mod.as_edit_example(ex, 1)
+    assert image.shape == ex.image.shape and mask.shape == ex.mask.shape and instruction == ex.instruction
+    assert example_id == ex.example_id and metadata["minibench"]["task"] == ex.task
+    image, mask, instruction, example_id, metadata = trainer_mod.as_edit_example(ex.to_dict(), 1)
+    assert example_id == ex.example_id
+
+
+def test_shapes_are_distinct_and_bad_input_raises():
+    covs = {s: T.shape_coverage(s, 16, 16, 10, 32, 32) for s in T.SHAPES}
+    for s1 in T.SHAPES:
+        assert 0.3 < covs[s1].mean() < 0.5 or s1 in ("triangle", "cross")
+        for s2 in T.SHAPES:
+            if s1 < s2:
+                inter = np.minimum(covs[s1], covs[s2]).sum()
+                union = np.maximum(covs[s1], covs[s2]).sum()
+                assert inter / union < 0.85, (s1, s2)
+    with pytest.raises(ValueError, match="task"):
+        T.generate_example(1, task="move")
+    with pytest.raises(ValueError, match="split"):
+        T.example_seed(0, "test", 0)
+    with pytest.raises(ValueError, match="size"):
+        T.generate_example(1, size=8)
+    with pytest.raises(ValueError, match="shape"):
+        T.shape_coverage("star", 1, 1, 1, 4, 4)
+    with pytest.raises(ValueError, match="per_task"):
+        T.MiniBenchDataset(3, per_task=2)
+    with pytest.raises(ValueError, match="seed"):
+        T.generate_example(-1)
+    with pytest.raises(IndexError):
+        T.MiniBenchDataset(2)[2]
