@@ -117,7 +117,7 @@ def test_trainer_reads_items():
 def test_shapes_are_distinct_and_bad_input_raises():
     covs = {s: T.shape_coverage(s, 16, 16, 10, 32, 32) for s in T.SHAPES}
     for s1 in T.SHAPES:
-        assert 0.3 < covs[s1].mean() < 0.5 or s1 in ("triangle", "cross")
+        assert 0.1 < covs[s1].mean() < 0.35, s1  # about a quarter of the image at r = 10 px
         for s2 in T.SHAPES:
             if s1 < s2:
                 inter = np.minimum(covs[s1], covs[s2]).sum()

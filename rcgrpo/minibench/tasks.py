@@ -26,6 +26,9 @@ Public API:
     generate_example(seed, *, task=None, size=DEFAULT_SIZE, split=None, example_id=None) -> MiniBenchExample
     MiniBenchDataset(n=None, *, split="train", seed=0, size=DEFAULT_SIZE, tasks=TASKS, per_task=None)
     shape_coverage(shape, cy, cx, r, height, width, supersample=4) -> np.ndarray [H, W] in [0, 1]
+    render_edit(spec, size=None, *, color=None, shape=None, apply=True) -> Tensor [3, H, W]
+        (the scene of a spec again, optionally with the new object's colour/shape changed: hard negatives)
+    batch(examples) -> dict of stacked tensors; crop_box(image, box, out_size=None) (local-region crops)
     object_caption(color, shape), background_caption(kind), VOCABULARY (every word an instruction or
     caption can use)
 
@@ -475,6 +478,33 @@ def generate_example(seed: int, *, task: str | None = None, size: int = DEFAULT_
     return MiniBenchExample(image=to_t(source), target=to_t(target), mask=torch.from_numpy(mask),
                             instruction=instruction, caption=caption, task=task, example_id=example_id,
                             metadata=metadata)
+
+
+def render_edit(spec: dict, size: int | None = None, *, color: str | None = None, shape: str | None = None,
+                apply: bool = True) -> torch.Tensor:
+    """Render a spec's scene `[3, H, W]` in [0, 1]: the edited scene (`apply=True`, the ground truth when no
+    override is given) or the source (`apply=False`). `color`/`shape` override the added or replacing
+    object (add/replace only), e.g. to make wrong-colour or wrong-shape edits (hard negatives)."""
+    size = _check_size(spec["size"] if size is None else size)
+    if (color is not None or shape is not None) and spec.get("after") is None:
+        raise ValueError(f"render_edit: color/shape overrides need an add or replace spec, got task {spec.get('task')!r}")
+    if color is not None and color not in COLORS:
+        raise ValueError(f"color must be one of {tuple(COLORS)}, got {color!r}")
+    if shape is not None and shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    objects = list(spec["objects"])
+    if apply:
+        if spec.get("before") is not None:
+            objects = [o for o in objects if o != spec["before"]]
+        if spec.get("after") is not None:
+            after = dict(spec["after"])
+            if color is not None:
+                after["color"], after["rgb"] = color, list(COLORS[color])
+            if shape is not None:
+                after["shape"] = shape
+            objects.append(after)
+    img = render_objects(render_background(spec["background"], size), objects)
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 
 class MiniBenchDataset(Sequence):
