@@ -87,16 +87,17 @@ class OpTimers:
 
 
 def _build_trainer(backend: str, output_dir):
-    from rcgrpo.config import preset
+    from rcgrpo.train.config import preset
     from rcgrpo.testing import tiny_kontext_pipeline
-    from rcgrpo.train import build_datasets, resolve_reward_funcs
-    from rcgrpo.trainer import RCGRPOTrainer
+    from rcgrpo.rewards.registry import reward_funcs_from_config
+    from rcgrpo.train.data import build_datasets
+    from rcgrpo.train.trainer import RCGRPOTrainer
 
     config = preset("tiny", output_dir=str(output_dir), acd_backend=backend, distance_backend=backend,
                     device="cuda" if providers.bench_device().type == "cuda" else "cpu")
     assert config.w_acd > 0, "the tiny preset must have ACD on for this benchmark"
     train, held_out = build_datasets(config)
-    trainer = RCGRPOTrainer(tiny_kontext_pipeline(), config, resolve_reward_funcs(config), train, held_out)
+    trainer = RCGRPOTrainer(tiny_kontext_pipeline(), config, reward_funcs_from_config(config), train, held_out)
     return trainer, config
 
 

@@ -1,30 +1,33 @@
 """rcgrpo: region-constrained GRPO post-training for flow-based image editors (FLUX.1-Kontext).
 
-The method (SPEC.md), one module per part:
-- `rcgrpo.masks`: pixel → token → element edit masks.
-- `rcgrpo.rdp`: Region-Decoupled Perturbation, `region_decoupled_noise`.
-- `rcgrpo.rollout`: deterministic Euler rollouts of a stock FluxKontextPipeline.
-- `rcgrpo.policy`: region-normalized distance, surrogate log-probs, clipped GRPO loss.
-- `rcgrpo.advantages`: reward standardization, group advantages.
-- `rcgrpo.acd`: Attention Concentration Density from attention mass.
+Layout (see ARCHITECTURE.md):
+- `rcgrpo.method`: the paper's formulas (masks, RDP, surrogate policy, advantages, ACD);
+- `rcgrpo.flux`: the diffusers integration (pipeline loading, rollouts, the ACD attention processor);
+- `rcgrpo.train`: config, trainer, checkpoints, phases, reports;
+- `rcgrpo.rewards`: reward functions, the EditScore client and its server;
+- `rcgrpo.eval`: CompBench evaluation; `rcgrpo.dryrun`: full-size dry runs;
+- `rcgrpo.data`, `rcgrpo.io`, `rcgrpo.cli`, `rcgrpo.testing` (tiny offline pipelines).
+
+The names below are the public API; the method's names import eagerly, the rest on first use.
 """
-from .acd import acd_from_mass, acd_reward
-from .advantages import combine_rewards, group_advantages, standardize
-from .masks import element_mask, pixel_to_token_mask, token_mask_for_image
-from .policy import distance_from_region_sums, grpo_loss, region_normalized_distance, surrogate_log_probs
-from .rdp import region_decoupled_noise
-from .rollout import RolloutResult, rollout
+from .method.acd import acd_from_mass, acd_reward
+from .method.advantages import combine_rewards, group_advantages, standardize
+from .method.masks import element_mask, pixel_to_token_mask, token_mask_for_image
+from .method.policy import distance_from_region_sums, grpo_loss, region_normalized_distance, surrogate_log_probs
+from .method.rdp import region_decoupled_noise
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "FluxACDAttnProcessor": "rcgrpo.attention",
-    "attach_acd": "rcgrpo.attention",
-    "detach_acd": "rcgrpo.attention",
-    "ACDRecorder": "rcgrpo.attention",
-    "save_acd_heatmap": "rcgrpo.attention",
-    "RCGRPOConfig": "rcgrpo.config",
-    "RCGRPOTrainer": "rcgrpo.trainer",
+    "RolloutResult": "rcgrpo.flux.rollout",
+    "rollout": "rcgrpo.flux.rollout",
+    "FluxACDAttnProcessor": "rcgrpo.flux.attention",
+    "attach_acd": "rcgrpo.flux.attention",
+    "detach_acd": "rcgrpo.flux.attention",
+    "ACDRecorder": "rcgrpo.flux.attention",
+    "save_acd_heatmap": "rcgrpo.flux.heatmap",
+    "RCGRPOConfig": "rcgrpo.train.config",
+    "RCGRPOTrainer": "rcgrpo.train.trainer",
 }
 
 
@@ -37,7 +40,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "RolloutResult",
     "acd_from_mass",
     "acd_reward",
     "combine_rewards",
@@ -48,7 +50,6 @@ __all__ = [
     "pixel_to_token_mask",
     "region_decoupled_noise",
     "region_normalized_distance",
-    "rollout",
     "standardize",
     "surrogate_log_probs",
     "token_mask_for_image",

@@ -12,15 +12,15 @@ from diffusers.models.transformers import transformer_flux
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from PIL import Image
 
-from rcgrpo.attention import (
+from rcgrpo.flux.attention import (
     ACDRecorder,
     FluxACDAttnProcessor,
     attach_acd,
     attention_modules,
     detach_acd,
-    save_acd_heatmap,
 )
-from rcgrpo.rollout import rollout
+from rcgrpo.flux.heatmap import save_acd_heatmap
+from rcgrpo.flux.rollout import rollout
 from rcgrpo.testing import TINY_TEXT_LEN, tiny_kontext_pipeline
 
 SIZE = 32

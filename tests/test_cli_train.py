@@ -37,7 +37,7 @@ def test_example_configs_are_valid():
 
     import yaml
 
-    from rcgrpo.config import RCGRPOConfig
+    from rcgrpo.train.config import RCGRPOConfig
 
     root = Path(__file__).resolve().parents[1] / "examples"
     cfg = RCGRPOConfig.from_yaml(root / "kontext_512.yaml")

@@ -9,16 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from rcgrpo.compbench import CompBenchDataset, CompBenchError, write_compbench_example_dir
-from rcgrpo.evaluation import (
-    SqueezeLPIPS,
-    add_eval_arguments,
-    compute_example_metrics,
-    evaluate,
-    load_lpips_weights,
-    official_crop_box,
-    run_eval,
-)
+from rcgrpo.cli.eval import add_eval_arguments, run_eval
+from rcgrpo.eval.compbench import CompBenchDataset, CompBenchError
+from rcgrpo.eval.compbench_synthetic import write_compbench_example_dir
+from rcgrpo.eval.evaluate import evaluate
+from rcgrpo.eval.lpips import SqueezeLPIPS, load_lpips_weights
+from rcgrpo.eval.metrics import compute_example_metrics, official_crop_box
 from rcgrpo.rewards import PSNR_CAP_DB, ClipEncoder
 
 
@@ -352,7 +348,8 @@ def _write_log(path, rows):
 
 
 def test_fig5_ecdfs_from_logs(tmp_path):
-    from rcgrpo.diagnostics import ecdf, load_run_diagnostics, main, plot_fig5
+    from rcgrpo.cli import main as cli_main
+    from rcgrpo.train.diagnostics import ecdf, load_run_diagnostics, plot_fig5
 
     x, y = ecdf([3.0, 1.0, 2.0, 2.0])
     assert x.tolist() == [1.0, 2.0, 2.0, 3.0] and y.tolist() == [0.25, 0.5, 0.75, 1.0]
@@ -372,7 +369,7 @@ def test_fig5_ecdfs_from_logs(tmp_path):
     assert summary["global"]["reward_std_within_group"]["median"] == pytest.approx(0.6)
     with Image.open(tmp_path / "fig5.png") as im:
         assert im.format == "PNG" and im.size[0] > im.size[1] > 100
-    assert main(["--run", f"global={tmp_path / 'global'}", "--run", f"rdp={tmp_path / 'rdp.jsonl'}",
+    assert cli_main(["diagnostics", "--run", f"global={tmp_path / 'global'}", "--run", f"rdp={tmp_path / 'rdp.jsonl'}",
                  "--output", str(tmp_path / "cli.png")]) == 0
     assert (tmp_path / "cli.png").is_file()
     (tmp_path / "bad.jsonl").write_text('{"step": 1}\nnot json\n')
@@ -386,7 +383,7 @@ def test_fig5_ecdfs_from_logs(tmp_path):
 
 
 def test_acd_heatmaps(tmp_path):
-    from rcgrpo.diagnostics import plot_acd_heatmaps
+    from rcgrpo.train.diagnostics import plot_acd_heatmaps
 
     mass = torch.rand(3, 2, 64)
     token_mask = torch.zeros(64)

@@ -6,17 +6,10 @@ import pytest
 import torch
 
 from rcgrpo import cli
-from rcgrpo.dryrun import (
-    ARCHS,
-    PhaseTracker,
-    _default_dtype,
-    eager_acd_attention,
-    estimate_memory,
-    flux_transformer_params,
-    lora_params,
-    memory_suggestions,
-    scaled_transformer_config,
-)
+from rcgrpo.dryrun.archs import ARCHS, _default_dtype, flux_transformer_params, lora_params, scaled_transformer_config
+from rcgrpo.dryrun.measure import PhaseTracker
+from rcgrpo.dryrun.memory import estimate_memory, memory_suggestions
+from rcgrpo_kernels.acd_attention import acd_attention_eager
 
 # 1 double + 1 single full-width block, 64 px (16 target tokens), 64 text tokens: a few seconds per phase.
 SMALL = ["dryrun", "--depth-scale", "0.03", "--resolution", "64", "--group", "3", "--anchors", "2", "--steps", "2",
@@ -110,7 +103,7 @@ def test_lora_count_matches_peft():
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
 
-    from rcgrpo.config import DEFAULT_LORA_TARGETS
+    from rcgrpo.train.config import DEFAULT_LORA_TARGETS
 
     cfg = dict(ARCHS["flux-kontext-dev"]["transformer"], num_layers=2, num_single_layers=3, num_attention_heads=2,
                attention_head_dim=16, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6])
@@ -197,7 +190,7 @@ def test_variant_eager_checkpointing_offload(tmp_path, capsys):
 
 
 def test_out_of_memory_is_reported_with_suggestions(monkeypatch, capsys):
-    from rcgrpo.trainer import RCGRPOTrainer
+    from rcgrpo.train.trainer import RCGRPOTrainer
 
     def oom(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -218,7 +211,7 @@ def test_eager_acd_matches_the_op():
     q, k, v = (torch.randn(2, 3, 40, 16, generator=gen) for _ in range(3))
     weights = torch.rand(2, 8, generator=gen)
     out_ref, mass_ref = acd_attention(q, k, v, 8, 20, text_weights=weights, backend="torch")
-    out, mass = eager_acd_attention(q, k, v, 8, 20, text_weights=weights)
+    out, mass = acd_attention_eager(q, k, v, 8, 20, text_weights=weights)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mass, mass_ref, rtol=1e-5, atol=1e-5)
 

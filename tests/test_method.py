@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import rcgrpo
-from rcgrpo.advantages import combine_rewards, group_advantages, standardize
-from rcgrpo.masks import element_mask, pixel_to_token_mask, token_mask_for_image
-from rcgrpo.policy import grpo_loss, region_normalized_distance, surrogate_log_probs
-from rcgrpo.rdp import region_decoupled_noise
+from rcgrpo.method.advantages import combine_rewards, group_advantages, standardize
+from rcgrpo.method.masks import element_mask, pixel_to_token_mask, token_mask_for_image
+from rcgrpo.method.policy import grpo_loss, region_normalized_distance, surrogate_log_probs
+from rcgrpo.method.rdp import region_decoupled_noise
 
 
 # ---------------------------------------------------------------- masks (§2)

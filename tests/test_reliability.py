@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rcgrpo.cli import main as cli_main
-from rcgrpo.config import preset
-from rcgrpo.synthetic import SquareDataset, redness_reward
+from rcgrpo.train.config import preset
+from rcgrpo.data.synthetic import SquareDataset, redness_reward
 from rcgrpo.testing import tiny_kontext_pipeline
-from rcgrpo.trainer import RCGRPOTrainer, list_checkpoints
+from rcgrpo.train.checkpoints import list_checkpoints
+from rcgrpo.train.trainer import RCGRPOTrainer
 from rcgrpo_kernels import acd_attention, region_sq_dists
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,10 +65,10 @@ def _train_script(tmp_path, out, *, max_steps, slow_save_step=None, checkpoint_e
     script.write_text(f"""
 import sys, time, torch
 from pathlib import Path
-from rcgrpo.config import preset
-from rcgrpo.synthetic import SquareDataset, redness_reward
+from rcgrpo.train.config import preset
+from rcgrpo.data.synthetic import SquareDataset, redness_reward
 from rcgrpo.testing import tiny_kontext_pipeline
-from rcgrpo.trainer import RCGRPOTrainer
+from rcgrpo.train.trainer import RCGRPOTrainer
 slow = {slow_save_step!r}
 if slow is not None:
     real_save = torch.save
@@ -153,7 +154,7 @@ def test_signal_saves_and_exits_cleanly(tmp_path, sig):
 
 # ---------------------------------------------------------------- numerical guards
 def test_non_finite_updates_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
-    import rcgrpo.trainer as trainer_module
+    import rcgrpo.train.trainer as trainer_module
 
     real_loss = trainer_module.grpo_loss
 

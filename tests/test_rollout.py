@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from rcgrpo.rdp import region_decoupled_noise
-from rcgrpo.rollout import euler_step, latent_shape, predict_velocity, rollout
+from rcgrpo.method.rdp import region_decoupled_noise
+from rcgrpo.flux.rollout import euler_step, latent_shape, predict_velocity, rollout
 from rcgrpo.testing import TINY_TEXT_LEN, tiny_kontext_pipeline
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rcgrpo.config import RCGRPOConfig, preset
-from rcgrpo.synthetic import SquareDataset, redness_reward
+from rcgrpo.train.config import RCGRPOConfig, preset
+from rcgrpo.data.synthetic import SquareDataset, redness_reward
 from rcgrpo.testing import tiny_kontext_pipeline
-from rcgrpo.trainer import RCGRPOTrainer, list_checkpoints
+from rcgrpo.train.checkpoints import list_checkpoints
+from rcgrpo.train.trainer import RCGRPOTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,10 +194,10 @@ def _run_torchrun(tmp_path, nproc, groups, out):
     script = tmp_path / f"dist_{nproc}.py"
     script.write_text(
         "import torch, sys\n"
-        "from rcgrpo.config import preset\n"
-        "from rcgrpo.synthetic import SquareDataset, redness_reward\n"
+        "from rcgrpo.train.config import preset\n"
+        "from rcgrpo.data.synthetic import SquareDataset, redness_reward\n"
         "from rcgrpo.testing import tiny_kontext_pipeline\n"
-        "from rcgrpo.trainer import RCGRPOTrainer\n"
+        "from rcgrpo.train.trainer import RCGRPOTrainer\n"
         f"cfg = preset('tiny', group_size=4, num_anchors=2, groups_per_step={groups}, num_inference_steps=2, max_steps=2,"
         " reward_funcs=['redness'], reward_weights=[1.0], w_acd=0.5, acd_backend='torch', distance_backend='torch',"
         f" checkpoint_every=0, sample_every=0, tensorboard=False, output_dir={str(out)!r}, train_size=4, max_grad_norm=0.0)\n"

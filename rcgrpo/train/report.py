@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from ..io.files import atomic_file, atomic_write_text
+from ..io.images import image_grid, save_image
+from ..method.masks import token_mask_for_image
+from .data import example_at_resolution
 
 
 def read_metrics(path) -> list[dict]:
@@ -52,10 +56,9 @@ def plot_reward_curve(metrics: list[dict], path) -> Path | None:
     axes[1].set_xlabel("step")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -63,9 +66,6 @@ def plot_reward_curve(metrics: list[dict], path) -> Path | None:
 def write_training_report(trainer, *, before: float | None, after: float | None, seconds: float,
                           max_examples: int = 4) -> Path:
     """`output_dir/report/`: reward_curve.png, before_after.png, acd_*.png and report.md."""
-    from .images import image_grid, save_image
-    from .trainer import _resize_example, as_edit_example
-
     out = trainer.output_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     metrics = read_metrics(trainer.output_dir / "metrics.jsonl")
@@ -74,9 +74,7 @@ def write_training_report(trainer, *, before: float | None, after: float | None,
     tiles, rows = [], []
     size = trainer.config.resolution
     for index in range(min(max_examples, len(dataset))):
-        image, mask, instruction, example_id, _ = as_edit_example(dataset[index], index)
-        if image.shape[1] != size or image.shape[2] != size:
-            image, mask = _resize_example(image, mask, size)
+        image, mask, instruction, example_id, _ = example_at_resolution(dataset[index], index, size)
         trainer.transformer.disable_adapters()
         try:
             base_img, base_reward = trainer.edit_example(dataset[index], index)
@@ -108,19 +106,14 @@ def write_training_report(trainer, *, before: float | None, after: float | None,
         "|---|---|---|---|",
     ]
     lines += [f"| {eid} | {instr} | {b:.4f} | {a:.4f} |" for eid, instr, b, a in rows]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return out
 
 
 def save_example_heatmap(trainer, item, index: int, path) -> None:
     """ACD heatmap (mean over layers and steps) of the deterministic edit `trainer.edit_example` makes."""
-    from .masks import token_mask_for_image
-    from .trainer import _resize_example, as_edit_example
-
     size = trainer.config.resolution
-    image, mask, *_ = as_edit_example(item, index)
-    if image.shape[1] != size or image.shape[2] != size:
-        image, mask = _resize_example(image, mask, size)
+    image, mask, *_ = example_at_resolution(item, index, size)
     token_mask = token_mask_for_image(mask, size, size, trainer.pipe.vae_scale_factor)
     with trainer.recorder.capture(token_mask.to(trainer.device)) as cap:
         trainer.edit_example(item, index)

@@ -7,28 +7,27 @@ A training log is a `metrics.jsonl` file (one JSON object per step). Per step it
 - `reward_std_within_group_values`: list of floats, one per group (falls back to the scalar
   `reward_std_within_group`).
 
-    python -m rcgrpo.diagnostics --run global=runs/global --run rdp=runs/rdp --output fig5.png
+    rcgrpo diagnostics --run global=runs/global --run rdp=runs/rdp --output fig5.png
 
 A run is a metrics.jsonl file or a directory holding one; several files for one label are pooled.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from ..io.files import atomic_file
+
 DRIFT_KEY = "background_drift"
 STD_KEY = "reward_std_within_group"
 
-__all__ = ["ecdf", "load_run_diagnostics", "plot_acd_heatmaps", "plot_fig5", "main"]
+__all__ = ["ecdf", "load_run_diagnostics", "plot_acd_heatmaps", "plot_fig5"]
 
 
 def _metrics_file(path) -> Path:
@@ -93,16 +92,8 @@ def ecdf(values) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _atomic_savefig(fig, path: Path, dpi: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def plot_fig5(runs: Mapping[str, object], output, *, log_drift: bool = True, dpi: int = 120) -> dict:
@@ -195,33 +186,3 @@ def plot_acd_heatmaps(mass, grid: tuple[int, int], output, *, token_mask=None, i
     fig.tight_layout()
     _atomic_savefig(fig, Path(output), dpi)
     plt.close(fig)
-
-
-def _run_arg(text: str) -> tuple[str, str]:
-    label, sep, path = text.partition("=")
-    if not sep or not label or not path:
-        raise argparse.ArgumentTypeError(f"--run expects LABEL=PATH, got {text!r}")
-    return label, path
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rcgrpo.diagnostics", description="Fig. 5 ECDFs from training logs")
-    parser.add_argument("--run", type=_run_arg, action="append", required=True,
-                        help="LABEL=PATH (metrics.jsonl or run directory); repeat a label to pool runs")
-    parser.add_argument("--output", required=True, help="PNG to write")
-    parser.add_argument("--linear-drift", action="store_true", help="linear (not log) x axis for the drift")
-    args = parser.parse_args(argv)
-    runs: dict[str, list[str]] = {}
-    for label, path in args.run:
-        runs.setdefault(label, []).append(path)
-    try:
-        summary = plot_fig5(runs, args.output, log_drift=not args.linear_drift)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"diagnostics: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .masks import token_grid
+from ..method.masks import token_grid
 
 
 @dataclass
@@ -172,6 +172,16 @@ def rollout(
         height=height,
         width=width,
     )
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Images `[B, 3, H, W]` in [0, 1] from packed latents `[B, N_img, C]`, exactly as the pipeline's
+    own `output_type="pt"` decode (unpack, undo the VAE scaling and shift, decode, postprocess)."""
+    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    image = pipe.vae.decode(latents, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pt")
 
 
 def predict_velocity(transformer, cond: Conditioning, latents: torch.Tensor, timestep: torch.Tensor,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import time
 import warnings
@@ -23,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from .acd import acd_from_mass  # noqa: F401  (re-exported for users of the trainer)
-from .advantages import combine_rewards, group_advantages
+from ..flux.rollout import background_drift, decode_latents, latent_shape, predict_velocity, rollout
+from ..method.advantages import combine_rewards, group_advantages
+from ..method.masks import element_mask, token_mask_for_image
+from ..method.policy import grpo_loss, surrogate_log_probs
+from ..method.rdp import region_decoupled_noise
+from .checkpoints import (clean_run_directory, list_checkpoints, prune_checkpoints, read_checkpoint,
+                          set_rng_state, write_checkpoint, write_lora)
 from .config import RCGRPOConfig
-from .masks import element_mask, token_mask_for_image
-from .policy import grpo_loss, surrogate_log_probs
-from .rdp import region_decoupled_noise
-from .rollout import background_drift, latent_shape, predict_velocity, rollout
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-CHECKPOINT_PREFIX = "checkpoint-"
+from .data import as_edit_example, example_at_resolution, resize_example
+from .phases import Phases
 
 
 class BadRewardError(RuntimeError):
@@ -62,26 +61,6 @@ class GroupRollout:
 @dataclass
 class StepMetrics:
     values: dict = field(default_factory=dict)
-
-
-def as_edit_example(item, index: int):
-    """(image [3,H,W], mask [H,W], instruction, example_id, metadata) from a dataset item.
-
-    Accepts objects with `image`, `mask`, `instruction` attributes (e.g. `rcgrpo.synthetic.EditExample`,
-    CompBench examples) or dicts with those keys.
-    """
-    get = (lambda k, d=None: item.get(k, d)) if isinstance(item, dict) else (lambda k, d=None: getattr(item, k, d))
-    image, mask, instruction = get("image"), get("mask"), get("instruction")
-    if image is None or mask is None or instruction is None:
-        raise ValueError(f"dataset item {index} must provide image, mask and instruction")
-    if callable(image):
-        image = image()
-    if callable(mask):
-        mask = mask()
-    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"dataset item {index}: image must be a [3, H, W] tensor in [0, 1]")
-    example_id = str(get("example_id", None) or get("id", None) or f"example-{index}")
-    return image.float(), torch.as_tensor(mask).float(), str(instruction), example_id, dict(get("metadata", None) or {})
 
 
 class RCGRPOTrainer:
@@ -122,6 +101,7 @@ class RCGRPOTrainer:
         self._stop_signal: int | None = None
         self._text_cache: dict[str, tuple] = {}
         self._writer = None
+        self.phases = Phases()
         self.pipe.to(self.device)
         if config.vae_slicing:
             self.pipe.vae.enable_slicing()
@@ -138,9 +118,10 @@ class RCGRPOTrainer:
         )
         self.recorder = None
         if config.w_acd > 0:
-            from .attention import attach_acd
+            from ..flux.attention import attach_acd
 
-            self.recorder = attach_acd(self.transformer, last_k=config.acd_layers, backend=config.acd_backend)
+            self.recorder = attach_acd(self.transformer, last_k=config.acd_layers, backend=config.acd_backend,
+                                       mode=config.acd_mode, phases=self.phases)
 
     # ------------------------------------------------------------------ set-up
     def _named_rewards(self, reward_funcs):
@@ -196,7 +177,14 @@ class RCGRPOTrainer:
             value = (value * 1_000_003 + int(p)) % (2**62)
         return value
 
+    def set_text_embeddings(self, instruction: str, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor) -> None:
+        """Use these embeddings (`[1, N_txt, C]`, `[1, C_pool]`) for `instruction` instead of the text
+        encoders (pre-computed embeddings; a pipeline without text encoders)."""
+        self._text_cache[instruction] = (prompt_embeds, pooled_prompt_embeds)
+
     def _text_embeddings(self, instruction: str):
+        if instruction in self._text_cache:
+            return self._text_cache[instruction]
         if not self.config.cache_text_embeddings:
             return None, None
         if instruction not in self._text_cache:
@@ -220,11 +208,9 @@ class RCGRPOTrainer:
     @torch.no_grad()
     def rollout_group(self, slot: int, index: int, step: int) -> GroupRollout | None:
         cfg = self.config
-        image, pixel_mask, instruction, example_id, metadata = as_edit_example(self.train_dataset[index], index)
-        _, height, width = image.shape
-        if height != cfg.resolution or width != cfg.resolution:
-            image, pixel_mask = _resize_example(image, pixel_mask, cfg.resolution)
-            height = width = cfg.resolution
+        image, pixel_mask, instruction, example_id, metadata = example_at_resolution(
+            self.train_dataset[index], index, cfg.resolution)
+        height = width = cfg.resolution
         try:
             token_mask = token_mask_for_image(pixel_mask, height, width, self.pipe.vae_scale_factor,
                                               pooling=cfg.mask_pooling, threshold=cfg.mask_threshold,
@@ -246,23 +232,26 @@ class RCGRPOTrainer:
         source = image[None].to(device=self.device, dtype=dtype)
         kwargs = dict(num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, height=height,
                       width=width, max_sequence_length=cfg.max_sequence_length, prompt_embeds=embeds,
-                      pooled_prompt_embeds=pooled)
+                      pooled_prompt_embeds=pooled, decode=False)
         acd = None
-        if self.recorder is not None:
-            with self.recorder.capture(token_mask.to(self.device)) as cap:
+        with self.phases("rollout"):
+            if self.recorder is not None:
+                with self.recorder.capture(token_mask.to(self.device)) as cap:
+                    result = rollout(self.pipe, source, instruction, noises, **kwargs)
+                acd = cap.reward().float().cpu()
+            else:
                 result = rollout(self.pipe, source, instruction, noises, **kwargs)
-            acd = cap.reward().float().cpu()
-        else:
-            result = rollout(self.pipe, source, instruction, noises, **kwargs)
-        images = result.images.float().clamp(0, 1)
+        with self.phases("decode"):
+            images = decode_latents(self.pipe, result.states[:, -1], height, width).float().clamp(0, 1)
         group = cfg.group_size
         sources = image[None].expand(group, -1, -1, -1).to(images.device)
         masks = pixel_mask[None, None].expand(group, -1, -1, -1).to(images.device)
         components = {}
         try:
-            for name, fn, _ in self.reward_funcs:
-                components[name] = _check_reward(fn(images, sources, masks, [instruction] * group, [metadata] * group),
-                                                 group, name)
+            with self.phases("reward"):
+                for name, fn, _ in self.reward_funcs:
+                    components[name] = _check_reward(
+                        fn(images, sources, masks, [instruction] * group, [metadata] * group), group, name)
         except BadRewardError as exc:
             if cfg.bad_reward_policy == "skip":
                 warnings.warn(f"skipping group of example {example_id!r}: {exc}")
@@ -335,7 +324,7 @@ class RCGRPOTrainer:
             t_j = group.timesteps[chunk].repeat(n_anchor).to(self.device)
             sigma = group.sigmas[chunk].repeat(n_anchor).to(self.device)
             sigma_next = group.sigmas[chunk + 1].repeat(n_anchor).to(self.device)
-            with self._autocast():
+            with self.phases("anchor_forward"), self._autocast():
                 v = predict_velocity(self.transformer, group.conditioning, x_j, t_j)
             dt = (sigma_next - sigma).float()[:, None, None]
             pred = x_j.float() + dt * v.float()  # x̄^(k)_{j+1}(θ), fp32
@@ -345,9 +334,12 @@ class RCGRPOTrainer:
             old_pred = states_next[:, anchors]  # x̄^(k)_{j+1}(old) = the stored state
             dist_kwargs = dict(tau_edit=cfg.tau_edit, tau_base=cfg.tau_base, scale=cfg.distance_scale,
                                eps=cfg.distance_eps, backend=cfg.distance_backend)
-            log_probs = surrogate_log_probs(states_next, pred.contiguous(), group.mask, **dist_kwargs)
-            with torch.no_grad():
-                old_log_probs = surrogate_log_probs(states_next, old_pred.contiguous(), group.mask, **dist_kwargs)
+            with self.phases("distances"):
+                anchor_in = self.phases.wrap_inputs(pred.contiguous(), "distances")
+                log_probs = surrogate_log_probs(states_next, anchor_in, group.mask, **dist_kwargs)
+                log_probs = self.phases.wrap_outputs(log_probs, "distances")
+                with torch.no_grad():
+                    old_log_probs = surrogate_log_probs(states_next, old_pred.contiguous(), group.mask, **dist_kwargs)
             ref_pred = None
             if cfg.beta > 0:
                 with torch.no_grad(), self._autocast():
@@ -390,30 +382,35 @@ class RCGRPOTrainer:
             if group is not None:
                 groups.append(group)
         rollout_time = time.perf_counter() - start
-        self.compute_advantages(groups)
+        with self.phases("advantages"):
+            self.compute_advantages(groups)
         epoch_stats: list[dict] = []
         grad_norm = float("nan")
         skipped_update = False
-        for epoch in range(cfg.inner_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            stats = [self.group_loss_backward(g, step, epoch, 1.0 / len(groups)) for g in groups]
-            epoch_stats.extend(stats)
-            self._reduce_gradients()
-            loss_value = sum(s["loss"] for s in stats) / max(len(stats), 1)
-            grad_norm = self._clip_and_norm()
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                self.nonfinite_in_row += 1
-                skipped_update = True
+        with self.phases("update"):
+            for epoch in range(cfg.inner_epochs):
                 self.optimizer.zero_grad(set_to_none=True)
-                warnings.warn(f"step {step}: non-finite loss or gradient (loss {loss_value}, grad norm {grad_norm}); "
-                              f"update skipped ({self.nonfinite_in_row} in a row)")
-                if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
-                    raise RuntimeError(f"stopping: {self.nonfinite_in_row} consecutive non-finite steps "
-                                       f"(max_nonfinite_steps = {cfg.max_nonfinite_steps})")
-                break
-            self.nonfinite_in_row = 0
-            self.optimizer.step()
-            self.lr_scheduler.step()
+                stats = [self.group_loss_backward(g, step, epoch, 1.0 / len(groups)) for g in groups]
+                epoch_stats.extend(stats)
+                self._reduce_gradients()
+                loss_value = sum(s["loss"] for s in stats) / max(len(stats), 1)
+                with self.phases("optimizer"):
+                    grad_norm = self._clip_and_norm()
+                    finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+                    if finite:
+                        self.optimizer.step()
+                        self.lr_scheduler.step()
+                if not finite:
+                    self.nonfinite_in_row += 1
+                    skipped_update = True
+                    self.optimizer.zero_grad(set_to_none=True)
+                    warnings.warn(f"step {step}: non-finite loss or gradient (loss {loss_value}, grad norm "
+                                  f"{grad_norm}); update skipped ({self.nonfinite_in_row} in a row)")
+                    if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
+                        raise RuntimeError(f"stopping: {self.nonfinite_in_row} consecutive non-finite steps "
+                                           f"(max_nonfinite_steps = {cfg.max_nonfinite_steps})")
+                    break
+                self.nonfinite_in_row = 0
         return self._step_metrics(groups, epoch_stats, grad_norm, skipped_update, rollout_time,
                                   time.perf_counter() - start)
 
@@ -477,9 +474,7 @@ class RCGRPOTrainer:
     def edit_example(self, item, index: int, *, seed: int = 12345):
         """(image [3,H,W], task reward) of the edit of one example from a fixed seeded noise."""
         cfg = self.config
-        image, pixel_mask, instruction, _, metadata = as_edit_example(item, index)
-        if image.shape[1] != cfg.resolution or image.shape[2] != cfg.resolution:
-            image, pixel_mask = _resize_example(image, pixel_mask, cfg.resolution)
+        image, pixel_mask, instruction, _, metadata = example_at_resolution(item, index, cfg.resolution)
         n_img, channels = latent_shape(self.pipe, cfg.resolution, cfg.resolution)
         noise = torch.randn((1, n_img, channels), generator=torch.Generator().manual_seed(seed + index))
         dtype = self.transformer.dtype
@@ -503,7 +498,7 @@ class RCGRPOTrainer:
         is_main = self.accelerator.is_main_process
         if is_main:
             _prepare_output_dir(self.output_dir)
-            self.remove_stale_temp_dirs()
+            clean_run_directory(self.output_dir)
         self.accelerator.wait_for_everyone()
         from tqdm.auto import tqdm
 
@@ -530,7 +525,8 @@ class RCGRPOTrainer:
                     break
             if self._stop_signal is None:
                 self.save_checkpoint()
-                self.save_lora(self.output_dir / "lora")
+                if is_main:
+                    self.save_lora(self.output_dir / "lora")
         finally:
             bar.close()
             self._restore_signal_handlers(previous)
@@ -587,7 +583,7 @@ class RCGRPOTrainer:
         return self._writer
 
     def _save_samples(self) -> None:
-        from .images import image_grid, save_image
+        from ..io.images import image_grid, save_image
 
         dataset = self.eval_dataset if self.eval_dataset is not None and len(self.eval_dataset) else self.train_dataset
         tiles = []
@@ -595,7 +591,7 @@ class RCGRPOTrainer:
             image, *_ = as_edit_example(dataset[index], index)
             edited, _ = self.edit_example(dataset[index], index)
             if image.shape[1:] != edited.shape[1:]:
-                image, _ = _resize_example(image, torch.ones(image.shape[1:]), edited.shape[1])
+                image, _ = resize_example(image, torch.ones(image.shape[1:]), edited.shape[1])
             tiles += [image, edited]
         save_image(image_grid(tiles, columns=2), self.output_dir / "samples" / f"step-{self.step:06d}.png")
         if self.recorder is not None:
@@ -611,98 +607,40 @@ class RCGRPOTrainer:
 
     def save_lora(self, directory) -> Path:
         """Write `directory/pytorch_lora_weights.safetensors` in the diffusers format (atomically)."""
-        from diffusers import FluxKontextPipeline
-
-        directory = Path(directory)
-        tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        FluxKontextPipeline.save_lora_weights(str(tmp), transformer_lora_layers=self.lora_state_dict(),
-                                              weight_name=LORA_WEIGHT_NAME)
-        _fsync_dir_files(tmp)
-        _replace_dir(tmp, directory)
-        return directory
+        return write_lora(directory, self.lora_state_dict())
 
     def save_checkpoint(self) -> Path | None:
-        """Write `output_dir/checkpoint-<step>/` completely or not at all; keep the last N.
-
-        Files go to a temp directory that is renamed into place only when every file is written and
-        synced, so a crash, kill or full disk leaves the previous checkpoints intact.
-        """
+        """Write `output_dir/checkpoint-<step>/` completely or not at all (rank 0); keep the last N."""
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        from diffusers import FluxKontextPipeline
-
-        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
-        tmp = self.output_dir / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir(parents=True)
-            FluxKontextPipeline.save_lora_weights(str(tmp), transformer_lora_layers=self.lora_state_dict(),
-                                                  weight_name=LORA_WEIGHT_NAME)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save({"cpu": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
-            state = {"step": self.step, "nonfinite_in_row": self.nonfinite_in_row,
-                     "skipped_groups": self.skipped_groups, "skipped_examples": self.skipped_examples,
-                     "config": _config_for_saving(self.config)}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            _fsync_dir_files(tmp)
-            _replace_dir(tmp, final)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(exc.errno, f"could not write checkpoint {str(final)!r} ({exc.strerror or exc}); "
-                                     "earlier checkpoints are intact") from exc
-        self._prune_checkpoints()
+        state = {"step": self.step, "nonfinite_in_row": self.nonfinite_in_row,
+                 "skipped_groups": self.skipped_groups, "skipped_examples": self.skipped_examples,
+                 "config": _config_for_saving(self.config)}
+        final = write_checkpoint(self.output_dir, self.step, lora_state=self.lora_state_dict(),
+                                 optimizer_state=self.optimizer.state_dict(),
+                                 scheduler_state=self.lr_scheduler.state_dict(), trainer_state=state)
+        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
         return final
-
-    def remove_stale_temp_dirs(self) -> int:
-        """Delete temp directories left by a save that was killed midway; returns how many."""
-        removed = 0
-        if self.output_dir.is_dir():
-            for path in self.output_dir.iterdir():
-                if path.is_dir() and path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name):
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed += 1
-        return removed
-
-    def _prune_checkpoints(self) -> None:
-        ckpts = list_checkpoints(self.output_dir)
-        for path in ckpts[: -self.config.keep_checkpoints]:
-            shutil.rmtree(path, ignore_errors=True)
 
     def load_checkpoint(self, path) -> None:
         """Restore LoRA, optimizer, scheduler, RNG and step from a complete checkpoint directory."""
-        from diffusers import FluxKontextPipeline
         from peft.utils import set_peft_model_state_dict
 
-        path = Path(path)
-        if not (path / "trainer_state.json").is_file():
-            raise ValueError(f"{str(path)!r} is not a complete rcgrpo checkpoint (no trainer_state.json)")
-        state = json.loads((path / "trainer_state.json").read_text())
-        lora = FluxKontextPipeline.lora_state_dict(str(path), weight_name=LORA_WEIGHT_NAME)
-        if isinstance(lora, tuple):
-            lora = lora[0]
-        prefix = "transformer."
-        lora = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in lora.items()}
-        result = set_peft_model_state_dict(self.transformer, lora, adapter_name="default")
+        ckpt = read_checkpoint(path)
+        result = set_peft_model_state_dict(self.transformer, ckpt.lora, adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
-            raise ValueError(f"checkpoint {str(path)!r} has LoRA keys this model lacks: {unexpected[:4]}")
+            raise ValueError(f"checkpoint {str(ckpt.path)!r} has LoRA keys this model lacks: {unexpected[:4]}")
         for p in self.lora_parameters:
             p.data = p.data.float()
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-        self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if rng.get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.step = int(state["step"])
-        self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
-        self.skipped_groups = int(state.get("skipped_groups", 0))
-        self.skipped_examples = int(state.get("skipped_examples", 0))
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.lr_scheduler.load_state_dict(ckpt.scheduler)
+        set_rng_state(ckpt.rng)
+        self.step = int(ckpt.state["step"])
+        self.nonfinite_in_row = int(ckpt.state.get("nonfinite_in_row", 0))
+        self.skipped_groups = int(ckpt.state.get("skipped_groups", 0))
+        self.skipped_examples = int(ckpt.state.get("skipped_examples", 0))
 
     def resume(self, output_dir=None) -> bool:
         """Load the newest complete checkpoint under `output_dir` (default: the run's); False if none."""
@@ -714,55 +652,6 @@ class RCGRPOTrainer:
 
 
 # ---------------------------------------------------------------------- helpers
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints under `directory`, oldest first (temp directories are ignored)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = []
-    for path in directory.iterdir():
-        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and (path / "trainer_state.json").is_file():
-            try:
-                found.append((int(path.name[len(CHECKPOINT_PREFIX):]), path))
-            except ValueError:
-                continue
-    return [p for _, p in sorted(found)]
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written temp directory into place: the old one disappears only after the new one is complete."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_path(final.parent)
-
-
-def _fsync_dir_files(directory: Path) -> None:
-    for path in directory.iterdir():
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_path(directory)
-
-
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _prepare_output_dir(directory: Path) -> None:
     """Create the run directory and check that files can be written in it."""
     try:
@@ -775,7 +664,7 @@ def _prepare_output_dir(directory: Path) -> None:
 
 
 def _config_for_saving(config: RCGRPOConfig) -> dict:
-    from .rewards import redact_url
+    from ..rewards.editscore import redact_url
 
     values = config.to_dict()
     if values.get("editscore_url"):
@@ -785,7 +674,7 @@ def _config_for_saving(config: RCGRPOConfig) -> dict:
 
 def _check_reward(values, batch: int, name: str) -> torch.Tensor:
     """`rcgrpo.rewards.check_reward_output` on the CPU; lists/arrays are accepted; failures raise BadRewardError."""
-    from .rewards import check_reward_output
+    from ..rewards.checks import check_reward_output
 
     if not isinstance(values, torch.Tensor):
         try:
@@ -796,14 +685,6 @@ def _check_reward(values, batch: int, name: str) -> torch.Tensor:
         return check_reward_output(values.detach(), batch, name).cpu()
     except ValueError as exc:
         raise BadRewardError(str(exc)) from None
-
-
-def _resize_example(image: torch.Tensor, mask: torch.Tensor, size: int):
-    import torch.nn.functional as F
-
-    image = F.interpolate(image[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
-    mask = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0]
-    return image, mask
 
 
 def _fmt(value):

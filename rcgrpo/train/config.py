@@ -60,6 +60,8 @@ class RCGRPOConfig:
     w_acd: float = _doc("weight of the standardized ACD reward (0 disables ACD)", default=0.5)
     acd_layers: int = _doc("ACD uses the last K attention layers", default=10)
     acd_backend: str = _doc("acd_attention backend: auto|triton|cpp|torch", default="auto")
+    acd_mode: str = _doc("ACD attention: 'fused' (one kernel), 'sdpa' (SDPA output + mass kernel) or 'eager' "
+                         "(materialized weights, the measurement baseline)", default="fused")
     advantage: str = _doc("'std' or 'quasi_norm' (Neighbor GRPO)", default="std")
     quasi_norm_p: float = _doc("p of the quasi-norm advantage", default=0.8)
     clip_eps: float = _doc("ε_clip of the clipped objective", default=0.2)
@@ -124,6 +126,7 @@ class RCGRPOConfig:
         need(self.mixed_precision in ("no", "bf16"), "mixed_precision", "'no' or 'bf16'")
         need(self.mask_pooling in ("max", "mean"), "mask_pooling", "'max' or 'mean'")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", "'auto', 'cpu' or 'cuda'")
+        need(self.acd_mode in ("fused", "sdpa", "eager"), "acd_mode", "'fused', 'sdpa' or 'eager'")
         for name in ("acd_backend", "distance_backend"):
             need(getattr(self, name) in ("auto", "triton", "cpp", "torch"), name, "auto|triton|cpp|torch")
         need(len(self.reward_funcs) >= 1, "reward_funcs", "at least one reward function")

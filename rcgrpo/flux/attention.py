@@ -23,26 +23,25 @@ prompt with `true_cfg_scale > 1`) calls the transformer twice per step: both cal
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from rcgrpo_kernels import acd_attention
+from rcgrpo_kernels.acd_attention import acd_attention_eager
 
-from .acd import acd_from_mass, acd_reward
+from ..method.acd import acd_from_mass, acd_reward
+from .heatmap import save_acd_heatmap
 
 DEFAULT_LAST_K = 10
 _RECORDER_ATTR = "_rcgrpo_acd_recorder"
 SKIP_REASONS = ("attention_mask", "grad", "context_parallel")
+PROCESSOR_MODES = ("fused", "sdpa", "eager")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,16 +297,13 @@ class FluxACDAttnProcessor(FluxAttnProcessor):
         weights = capture._weights_for_call(batch, text_len, query.device)
 
         # [B, N, H, D] -> [B, H, N, D] (contiguous, so every backend sees the SDPA layout densely).
-        out, mass = acd_attention(
-            query.transpose(1, 2).contiguous(),
-            key.transpose(1, 2).contiguous(),
-            value.transpose(1, 2).contiguous(),
-            text_len,
-            capture.image_len,
-            text_weights=weights,
-            backend=self.backend,
-            mode=self.mode,
-        )
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
+        with self.recorder.mark("acd"):
+            if self.mode == "eager":
+                out, mass = acd_attention_eager(q, k, v, text_len, capture.image_len, text_weights=weights)
+            else:
+                out, mass = acd_attention(q, k, v, text_len, capture.image_len, text_weights=weights,
+                                          backend=self.backend, mode=self.mode)
         capture._record(layer, mass)
 
         hidden_states = out.transpose(1, 2).flatten(2, 3)
@@ -333,10 +329,12 @@ class ACDRecorder:
     their module paths.
     """
 
-    def __init__(self, transformer, selected: list[tuple[int, str, torch.nn.Module]], *, backend: str, mode: str):
+    def __init__(self, transformer, selected: list[tuple[int, str, torch.nn.Module]], *, backend: str, mode: str,
+                 phases=None):
         self.transformer = transformer
         self.backend = backend
         self.mode = mode
+        self.phases = phases
         self.layer_indices = [index for index, _, _ in selected]
         self.layer_names = [name for _, name, _ in selected]
         self._modules = [module for _, _, module in selected]
@@ -344,6 +342,13 @@ class ACDRecorder:
         self.processors: list[FluxACDAttnProcessor] = []
         self.active_capture: Capture | None = None
         self.attached = False
+
+    def mark(self, name: str):
+        """Context manager around one ACD op call: the `phases` marker given to `attach_acd` (e.g. the
+        trainer's `Phases`), else a `torch.profiler.record_function("rcgrpo/<name>")` range."""
+        if self.phases is not None:
+            return self.phases(name)
+        return torch.profiler.record_function(f"rcgrpo/{name}")
 
     def _install(self) -> None:
         for index, module, original in zip(self.layer_indices, self._modules, self._originals):
@@ -429,15 +434,23 @@ def _check_capture_args(token_mask, text_len, image_len, text_weights):
     return token_mask, text_len, n_img, text_weights
 
 
-def attach_acd(transformer, last_k: int = DEFAULT_LAST_K, *, backend: str = "auto", mode: str = "fused") -> ACDRecorder:
+def attach_acd(transformer, last_k: int = DEFAULT_LAST_K, *, backend: str = "auto", mode: str = "fused",
+               phases=None) -> ACDRecorder:
     """Swap the processors of the last `last_k` attention modules (execution order) for ACD processors.
 
     For FLUX.1 (19 double + 38 single blocks) the default selects the last 10 single-stream blocks.
     A model with fewer attention modules gets all of them, with a warning. The original processor
     objects are kept; `detach_acd(transformer)` puts them back. Returns the recorder.
+
+    backend: the `acd_attention` backend. mode: "fused" or "sdpa" (the op's modes), or "eager" (the
+    materialized-weights baseline `acd_attention_eager`, for measurements). phases: an optional
+    callable `phases(name) -> context manager` that marks each op call (the trainer passes its
+    `rcgrpo.train.phases.Phases`; default: a `torch.profiler.record_function` range "rcgrpo/acd").
     """
     if isinstance(last_k, bool) or not isinstance(last_k, int) or last_k < 1:
         raise ValueError(f"last_k must be an int ≥ 1, got {last_k!r}")
+    if mode not in PROCESSOR_MODES:
+        raise ValueError(f"attach_acd: mode must be one of {PROCESSOR_MODES}, got {mode!r}")
     modules = attention_modules(transformer)
     if getattr(transformer, _RECORDER_ATTR, None) is not None or any(
         isinstance(m.processor, FluxACDAttnProcessor) for _, m in modules
@@ -459,7 +472,7 @@ def attach_acd(transformer, last_k: int = DEFAULT_LAST_K, *, backend: str = "aut
                 f"attach_acd: {name} uses {type(proc).__name__}; only the stock FluxAttnProcessor can be "
                 "replaced by the ACD processor without changing the model's output"
             )
-    recorder = ACDRecorder(transformer, selected, backend=backend, mode=mode)
+    recorder = ACDRecorder(transformer, selected, backend=backend, mode=mode, phases=phases)
     recorder._install()
     setattr(transformer, _RECORDER_ATTR, recorder)
     return recorder
@@ -481,142 +494,6 @@ def get_acd_recorder(transformer) -> ACDRecorder | None:
     return getattr(transformer, _RECORDER_ATTR, None)
 
 
-# ----------------------------------------------------------------------------------------------
-# Heatmap
-# ----------------------------------------------------------------------------------------------
-def _image_array(image) -> np.ndarray:
-    """`[H, W, 3]` uint8 from a PIL image or a `[3, H, W]` / `[1, 3, H, W]` tensor in [0, 1]."""
-    if hasattr(image, "convert") and hasattr(image, "size"):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    if isinstance(image, np.ndarray):
-        image = torch.from_numpy(image)
-    if isinstance(image, torch.Tensor):
-        t = image.detach()
-        if t.dim() == 4 and t.shape[0] == 1:
-            t = t[0]
-        if t.dim() != 3 or t.shape[0] not in (1, 3):
-            raise ValueError(f"image tensor must be [3, H, W] in [0, 1], got shape {tuple(image.shape)}")
-        t = t.float().clamp(0, 1).expand(3, -1, -1)
-        return (t.permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-    raise ValueError(f"image must be a PIL image or a [3, H, W] tensor, got {type(image).__name__}")
-
-
-def _infer_grid(n_tokens: int, height: int, width: int) -> tuple[int, int]:
-    """Token grid `(rows, cols)` with rows·cols = n_tokens and the image's aspect ratio (square for square images)."""
-    rows = int(round(math.sqrt(n_tokens * height / width)))
-    for r in (rows, rows - 1, rows + 1):
-        if r >= 1 and n_tokens % r == 0:
-            cols = n_tokens // r
-            if abs(r / cols - height / width) <= 0.25 * height / width:
-                return r, cols
-    raise ValueError(f"cannot infer a token grid for {n_tokens} tokens on a {height}x{width} image; pass grid=(rows, cols)")
-
-
-def _select_mass(source, calls, index: int) -> torch.Tensor:
-    """`[N_img]` mass of image `index`, averaged over the selected calls."""
-    mass = source.mass if isinstance(source, Capture) else torch.as_tensor(source)
-    mass = mass.detach().float()
-    if mass.dim() == 3:  # [calls, B, N]
-        if calls is not None:
-            selector = [calls] if isinstance(calls, int) else list(calls)
-            if not selector:
-                raise ValueError("calls must select at least one recorded call")
-            mass = mass[selector]
-        mass = mass.mean(0)
-    elif calls is not None:
-        raise ValueError("calls= needs a capture or a [calls, B, N_img] mass")
-    if mass.dim() == 2:
-        mass = mass[index]
-    if mass.dim() != 1:
-        raise ValueError(f"mass must be [N_img], [B, N_img] or [calls, B, N_img], got shape {tuple(mass.shape)}")
-    return mass.cpu()
-
-
-def _mask_array(mask, index: int, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """Bool `[H, W]` edit mask from a token mask `[N_img]`/`[B, N_img]` or a pixel mask `[h, w]` (PIL, array, tensor)."""
-    height, width = size
-    if hasattr(mask, "convert") and hasattr(mask, "size"):
-        mask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
-    m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).detach().float().cpu()
-    rows, cols = grid
-    if m.dim() == 2 and m.shape[-1] == rows * cols and tuple(m.shape) != (rows, cols) and m.shape[0] != height:
-        m = m[index]
-    if m.dim() == 1:
-        if m.numel() != rows * cols:
-            raise ValueError(f"token mask has {m.numel()} entries, the grid {rows}x{cols} needs {rows * cols}")
-        m = m.reshape(rows, cols)
-    if m.dim() != 2:
-        raise ValueError(f"mask must be a token mask [N_img] or a pixel mask [H, W], got shape {tuple(m.shape)}")
-    m = F.interpolate(m[None, None], size=(height, width), mode="nearest")[0, 0]
-    return (m >= 0.5).numpy()
-
-
-def _outline(binary: np.ndarray, thickness: int) -> np.ndarray:
-    """Pixels of `binary` within `thickness` of its boundary with the background."""
-    background = torch.from_numpy(~binary).float()[None, None]
-    near_bg = F.max_pool2d(background, 2 * thickness + 1, stride=1, padding=thickness)[0, 0].numpy() > 0
-    return binary & near_bg
-
-
-def save_acd_heatmap(
-    image,
-    path,
-    mass,
-    *,
-    calls=None,
-    index: int = 0,
-    mask=None,
-    grid: tuple[int, int] | None = None,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-    outline_color: tuple[int, int, int] = (255, 255, 255),
-) -> Path:
-    """Render the ACD mass over `image` and save a PNG of the image's size; returns the path.
-
-    image: PIL image or `[3, H, W]` tensor in [0, 1]. mass: a `Capture`, or a mass tensor `[N_img]`,
-    `[B, N_img]` or `[calls, B, N_img]`. calls: None (mean over all calls), an int (one call) or a
-    list of call indices. index: which image of the batch. mask: token mask `[N_img]`/`[B, N_img]` or
-    pixel mask `[h, w]` whose outline is drawn (default: the capture's token mask). grid: token grid
-    `(rows, cols)`, inferred from the image's aspect ratio by default. Written atomically.
-    """
-    from matplotlib import colormaps
-    from PIL import Image
-
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    rgb = _image_array(image)
-    height, width = rgb.shape[:2]
-    values = _select_mass(mass, calls, index)
-    rows, cols = grid if grid is not None else _infer_grid(values.numel(), height, width)
-    if rows * cols != values.numel():
-        raise ValueError(f"grid {rows}x{cols} does not hold {values.numel()} tokens")
-    heat = F.interpolate(values.reshape(1, 1, rows, cols), size=(height, width), mode="bilinear",
-                         align_corners=False)[0, 0]
-    lo, hi = float(heat.min()), float(heat.max())
-    heat = (heat - lo) / (hi - lo) if hi > lo else torch.zeros_like(heat)
-    colors = colormaps[cmap](heat.numpy())[..., :3] * 255.0
-    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colors
-    out = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
-    if mask is None and isinstance(mass, Capture):
-        mask = mass.token_mask
-    if mask is not None:
-        edge = _outline(_mask_array(mask, index, (rows, cols), (height, width)), max(1, min(height, width) // 128))
-        out[edge] = np.asarray(outline_color, dtype=np.uint8)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(out).save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 __all__ = [
     "ACDRecorder",
     "Capture",
@@ -625,5 +502,4 @@ __all__ = [
     "attention_modules",
     "detach_acd",
     "get_acd_recorder",
-    "save_acd_heatmap",
 ]

@@ -21,7 +21,7 @@ def load_pipeline(model: str | None, *, device: str | None = None, dtype: torch.
     `FluxKontextPipeline.from_pretrained(model)` (hub id or local directory)."""
     dev = default_device(device)
     if model in (None, "tiny"):
-        from .testing import tiny_kontext_pipeline
+        from ..testing import tiny_kontext_pipeline
 
         return tiny_kontext_pipeline(seed, device=dev, dtype=dtype or torch.float32), True
     from diffusers import FluxKontextPipeline

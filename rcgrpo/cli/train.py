@@ -1,4 +1,4 @@
-"""`rcgrpo train` / `accelerate launch -m rcgrpo.train`: build pipeline, data and rewards from a config, train.
+"""`rcgrpo train` (also `accelerate launch -m rcgrpo.train`): build pipeline, data and rewards from a config, train.
 
     rcgrpo train --preset tiny --output-dir runs/tiny
     rcgrpo train --config cfg.yaml --learning-rate 5e-5 --output-dir runs/x
@@ -6,14 +6,12 @@
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS, RCGRPOConfig, parse_override, preset
+from ..train.config import PRESETS, RCGRPOConfig, parse_override
 
 
 def add_train_arguments(parser) -> None:
@@ -37,7 +35,7 @@ def config_from_args(args) -> RCGRPOConfig:
         values.update(RCGRPOConfig.from_yaml(args.config).to_dict() if not values else _yaml_values(args.config))
     if args.resume and not args.config and not args.preset:
         state = Path(args.resume)
-        from .trainer import list_checkpoints
+        from ..train.checkpoints import list_checkpoints
 
         ckpts = list_checkpoints(state)
         if not ckpts:
@@ -60,64 +58,20 @@ def _yaml_values(path) -> dict:
     return values
 
 
-def resolve_reward_funcs(config: RCGRPOConfig) -> list:
-    """[(name, callable)] for config.reward_funcs: built-in names (see `rcgrpo.rewards.resolve_reward`),
-    "redness" (the demo task) or 'module:function'."""
-    from .rewards import resolve_reward
-    from .synthetic import redness_reward
-
-    funcs = []
-    for name in map(str, config.reward_funcs):
-        if name == "redness":
-            funcs.append((name, redness_reward))
-        elif name == "editscore":
-            if not config.editscore_url:
-                raise ValueError("reward 'editscore' needs --editscore-url http://host:port of a running reward server")
-            funcs.append((name, resolve_reward(name, url=config.editscore_url)))
-        elif name in ("clip_lct", "clip_lci"):
-            funcs.append((name, resolve_reward(name, model=config.clip_model)))
-        else:
-            funcs.append((name, resolve_reward(name)))
-    return funcs
-
-
-def build_datasets(config: RCGRPOConfig):
-    if config.dataset == "squares":
-        from .synthetic import SquareDataset
-
-        train = SquareDataset(config.train_size, size=config.resolution, seed=config.seed)
-        held_out = SquareDataset(config.eval_size, size=config.resolution, seed=10_000 + config.seed)
-        return train, held_out
-    from .compbench import CompBenchDataset
-
-    data = CompBenchDataset(config.dataset, resolution=config.resolution, require_ground_truth=False)
-    n_eval = min(config.eval_size, max(len(data) - 1, 0))
-    return _Subset(data, range(n_eval, len(data))), _Subset(data, range(n_eval))
-
-
-class _Subset:
-    def __init__(self, data, indices):
-        self.data, self.indices = data, list(indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.data[self.indices[i]]
-
-
 def run_train(args) -> int:
     import torch
 
-    from .pipeline import load_pipeline
-    from .trainer import RCGRPOTrainer
+    from ..flux.pipeline import load_pipeline
+    from ..rewards.registry import reward_funcs_from_config
+    from ..train.data import build_datasets
+    from ..train.trainer import RCGRPOTrainer
 
     config = config_from_args(args)
     device = None if config.device == "auto" else config.device
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" and torch.cuda.is_available() else None
     pipe, _ = load_pipeline(config.model, device=device, dtype=dtype)
     train_set, eval_set = build_datasets(config)
-    trainer = RCGRPOTrainer(pipe, config, resolve_reward_funcs(config), train_set, eval_set)
+    trainer = RCGRPOTrainer(pipe, config, reward_funcs_from_config(config), train_set, eval_set)
     if args.resume:
         trainer.resume(args.resume)
     main = trainer.accelerator.is_main_process
@@ -135,18 +89,10 @@ def run_train(args) -> int:
     if args.report:
         after = trainer.evaluate()
         if main:
-            from .report import write_training_report
+            from ..train.report import write_training_report
 
             write_training_report(trainer, before=before, after=after, seconds=elapsed)
             print(f"held-out reward: before {before:.4f} after {after:.4f}")
     return 0
 
 
-def main(argv=None) -> int:
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

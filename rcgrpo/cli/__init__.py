@@ -1,4 +1,4 @@
-"""`rcgrpo` command line: edit, train, eval, dryrun.
+"""`rcgrpo` command line: edit, train, eval, dryrun, diagnostics.
 
 Exit status 2 for bad input (usage, files, config), 1 for a failure while running; errors are one
 readable line on stderr, the traceback only with `--debug`.
@@ -13,10 +13,13 @@ import traceback
 
 # command: (module, function adding its arguments, function running it, help)
 COMMANDS = {
-    "edit": ("rcgrpo.edit", "add_edit_arguments", "run_edit", "edit an image with an RDP group (global vs RDP)"),
-    "train": ("rcgrpo.train", "add_train_arguments", "run_train", "RC-GRPO training (LoRA)"),
-    "eval": ("rcgrpo.evaluation", "add_eval_arguments", "run_eval", "CompBench-style evaluation"),
-    "dryrun": ("rcgrpo.dryrun", "add_dryrun_arguments", "run_dryrun", "one iteration of a full-size model with random weights"),
+    "edit": ("rcgrpo.cli.edit", "add_edit_arguments", "run_edit", "edit an image with an RDP group (global vs RDP)"),
+    "train": ("rcgrpo.cli.train", "add_train_arguments", "run_train", "RC-GRPO training (LoRA)"),
+    "eval": ("rcgrpo.cli.eval", "add_eval_arguments", "run_eval", "CompBench-style evaluation"),
+    "dryrun": ("rcgrpo.cli.dryrun", "add_dryrun_arguments", "run_dryrun",
+               "one iteration of a full-size model with random weights"),
+    "diagnostics": ("rcgrpo.cli.diagnostics", "add_diagnostics_arguments", "run_diagnostics",
+                    "the paper's Fig. 5 (ECDFs of background drift and reward std) from runs' metrics.jsonl"),
 }
 
 BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)

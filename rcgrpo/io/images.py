@@ -1,12 +1,12 @@
 """Reading and writing images and masks with clear errors."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .files import atomic_file
 
 
 def _read_array(path, mode: str, name: str) -> np.ndarray:
@@ -43,17 +43,8 @@ def to_pil(image: torch.Tensor):
 
 def save_image(image: torch.Tensor, path) -> None:
     """Write `[3, H, W]` in [0, 1] as PNG atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         to_pil(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def image_grid(images: list[torch.Tensor], columns: int) -> torch.Tensor:

@@ -8,18 +8,18 @@ reference candidate (index 0), plus its ACD reward. Candidate images are saved.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .images import image_grid, load_image, load_mask, save_image
-from .masks import element_mask, token_mask_for_image
-from .rdp import region_decoupled_noise
-from .rollout import background_drift, latent_shape, rollout
-from .synthetic import EditExample, square_example
+from ..data.synthetic import EditExample, square_example
+from ..flux.rollout import background_drift, latent_shape, rollout
+from ..io.files import atomic_write_text
+from ..io.images import image_grid, load_image, load_mask, save_image
+from ..method.masks import token_mask_for_image
+from ..method.rdp import region_decoupled_noise
 
 
 @dataclass
@@ -92,14 +92,14 @@ def edit_group(
                     acd=float(acd_values[i]),
                 ))
     finally:
-        from .attention import detach_acd
+        from ..flux.attention import detach_acd
 
         detach_acd(pipe.transformer)
     return reports, images
 
 
 def _attach_acd(pipe, last_k: int, backend: str):
-    from .attention import attach_acd, attention_modules
+    from ..flux.attention import attach_acd, attention_modules
 
     last_k = min(last_k, len(attention_modules(pipe.transformer)))  # the tiny model has only 4 layers
     return attach_acd(pipe.transformer, last_k=last_k, backend=backend)
@@ -149,13 +149,13 @@ def add_edit_arguments(parser) -> None:
 
 
 def run_edit(args) -> int:
-    from .pipeline import load_pipeline
+    from ..flux.pipeline import load_pipeline
 
     if (args.image is None) != (args.mask is None):
         raise ValueError("--image and --mask must be given together")
     pipe, is_tiny = load_pipeline(args.model, device=args.device)
     if args.lora:
-        from .pipeline import load_lora
+        from ..flux.pipeline import load_lora
 
         load_lora(pipe, args.lora)
     if args.image:
@@ -185,9 +185,7 @@ def run_edit(args) -> int:
         save_image(image_grid([example.image, *imgs], columns=len(imgs) + 1), out / f"{scheme}_grid.png")
     report = {"instruction": example.instruction, "steps": steps, "seconds": elapsed,
               "candidates": [asdict(r) for r in reports]}
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / "report.json")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     print(f'edit "{example.instruction}" ({example.image.shape[2]}x{example.image.shape[1]} px, '
           f"{args.group_size} candidates, {steps} steps, {elapsed:.2f} s)")
     print(format_report(reports))

@@ -1,0 +1,6 @@
+"""`python -m rcgrpo ...` = `rcgrpo ...`."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

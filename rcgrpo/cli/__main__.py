@@ -1,0 +1,6 @@
+"""`python -m rcgrpo.cli ...` = `rcgrpo ...`."""
+import sys
+
+from . import main
+
+sys.exit(main())

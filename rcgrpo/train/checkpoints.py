@@ -1,0 +1,208 @@
+"""Checkpoint and LoRA files of a training run: complete or absent, never partial.
+
+    <run>/checkpoint-<step>/pytorch_lora_weights.safetensors   LoRA (diffusers format)
+                           /optimizer.pt, scheduler.pt, rng.pt   torch.save'd state dicts (loaded weights_only)
+                           /trainer_state.json                   step, counters, the config
+    <run>/lora/pytorch_lora_weights.safetensors                 the final LoRA
+
+Every directory is written through `rcgrpo.io.files.atomic_directory`: a crash, kill or full disk leaves
+the previous checkpoints intact. A full disk surfaces as `CheckpointWriteError` (an OSError) naming the
+directory; `torch.save` reports it as a RuntimeError, which is translated here.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..flux.pipeline import LORA_WEIGHT_NAME
+from ..io.files import atomic_directory, recover_interrupted_replace
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint or LoRA directory could not be written (earlier ones are intact)."""
+
+
+@dataclass
+class Checkpoint:
+    """What `read_checkpoint` returns."""
+
+    path: Path
+    lora: dict  # peft state-dict keys (no "transformer." prefix) → tensors
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+    state: dict  # trainer_state.json
+
+
+def list_checkpoints(directory) -> list[Path]:
+    """Complete checkpoints under `directory`, oldest first (temporary directories are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and (path / TRAINER_STATE).is_file():
+            try:
+                found.append((int(path.name[len(CHECKPOINT_PREFIX):]), path))
+            except ValueError:
+                continue
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(path) -> Path:
+    """The checkpoint to resume from: `path` itself if it is a complete checkpoint directory, else the
+    newest complete checkpoint of the run directory `path`. ValueError naming `path` otherwise."""
+    path = Path(path)
+    if (path / TRAINER_STATE).is_file() and path.name.startswith(CHECKPOINT_PREFIX):
+        return path
+    if not path.is_dir():
+        raise ValueError(f"--resume {str(path)!r}: no such run or checkpoint directory")
+    ckpts = list_checkpoints(path)
+    if not ckpts:
+        raise ValueError(f"--resume {str(path)!r}: no complete checkpoint found there")
+    return ckpts[-1]
+
+
+def read_trainer_state(checkpoint) -> dict:
+    """`trainer_state.json` of a checkpoint directory."""
+    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+
+
+def _write_lora_file(directory: Path, lora_state: dict) -> None:
+    from diffusers import FluxKontextPipeline
+
+    FluxKontextPipeline.save_lora_weights(str(directory), transformer_lora_layers=lora_state,
+                                          weight_name=LORA_WEIGHT_NAME)
+
+
+# What torch.save's C++ writer says when a write fails (full disk, quota): a RuntimeError, not OSError.
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "basic_ios::clear", "iostream error", "file write failed")
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError)
+                                        and any(m in str(exc) for m in _TORCH_WRITE_FAILURES))
+
+
+def _write_failed(what: Path, exc: BaseException) -> CheckpointWriteError:
+    code = getattr(exc, "errno", None)
+    detail = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    hint = "disk full; " if code == errno.ENOSPC or isinstance(exc, RuntimeError) else ""
+    return CheckpointWriteError(code or errno.EIO, f"could not write {str(what)!r} ({hint}{detail}); "
+                                                   "earlier checkpoints are intact")
+
+
+def write_lora(directory, lora_state: dict) -> Path:
+    """Write `directory/pytorch_lora_weights.safetensors` (diffusers format) atomically."""
+    directory = Path(directory)
+    try:
+        with atomic_directory(directory) as tmp:
+            _write_lora_file(tmp, lora_state)
+    except (OSError, RuntimeError) as exc:
+        if not _is_write_failure(exc):
+            raise
+        raise _write_failed(directory, exc) from exc
+    return directory
+
+
+def write_checkpoint(run_dir, step: int, *, lora_state: dict, optimizer_state: dict, scheduler_state: dict,
+                     trainer_state: dict) -> Path:
+    """Write `run_dir/checkpoint-<step>/` completely or not at all; returns its path."""
+    final = Path(run_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    try:
+        with atomic_directory(final) as tmp:
+            _write_lora_file(tmp, lora_state)
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+            torch.save(scheduler_state, tmp / "scheduler.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+    except (OSError, RuntimeError) as exc:
+        if not _is_write_failure(exc):
+            raise
+        raise _write_failed(final, exc) from exc
+    return final
+
+
+def read_lora(path) -> dict:
+    """LoRA tensors of a directory (or file) in the diffusers format, keys without the "transformer." prefix."""
+    from diffusers import FluxKontextPipeline
+
+    path = Path(path)
+    directory, name = (path, LORA_WEIGHT_NAME) if path.is_dir() else (path.parent, path.name)
+    lora = FluxKontextPipeline.lora_state_dict(str(directory), weight_name=name)
+    if isinstance(lora, tuple):
+        lora = lora[0]
+    prefix = "transformer."
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in lora.items()}
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """Everything of a complete checkpoint directory (state dicts loaded with weights_only=True)."""
+    path = Path(path)
+    if not (path / TRAINER_STATE).is_file():
+        raise ValueError(f"{str(path)!r} is not a complete rcgrpo checkpoint (no {TRAINER_STATE})")
+    return Checkpoint(
+        path=path,
+        lora=read_lora(path),
+        optimizer=torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
+        scheduler=torch.load(path / "scheduler.pt", weights_only=True),
+        rng=torch.load(path / "rng.pt", weights_only=True),
+        state=read_trainer_state(path),
+    )
+
+
+def prune_checkpoints(run_dir, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints of `run_dir`."""
+    for path in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def clean_run_directory(run_dir) -> None:
+    """Repair what an interrupted save left in `run_dir`: temporary directories are removed, a
+    directory caught between the two renames of a replace is restored, and a checkpoint directory
+    without its state file (a kill during pruning) is removed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    recover_interrupted_replace(run_dir)
+    for path in run_dir.iterdir():
+        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and not (path / TRAINER_STATE).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    """The CPU and CUDA random generator states."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "Checkpoint",
+    "CheckpointWriteError",
+    "clean_run_directory",
+    "find_checkpoint",
+    "list_checkpoints",
+    "prune_checkpoints",
+    "read_checkpoint",
+    "read_lora",
+    "read_trainer_state",
+    "rng_state",
+    "set_rng_state",
+    "write_checkpoint",
+    "write_lora",
+]

@@ -1,0 +1,72 @@
+"""Training data: dataset items as edit examples, fixed-size resizing, the datasets a config names."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def as_edit_example(item, index: int):
+    """(image [3,H,W], mask [H,W], instruction, example_id, metadata) from a dataset item.
+
+    Accepts objects with `image`, `mask`, `instruction` attributes (e.g. `rcgrpo.data.synthetic.EditExample`,
+    CompBench examples) or dicts with those keys.
+    """
+    get = (lambda k, d=None: item.get(k, d)) if isinstance(item, dict) else (lambda k, d=None: getattr(item, k, d))
+    image, mask, instruction = get("image"), get("mask"), get("instruction")
+    if image is None or mask is None or instruction is None:
+        raise ValueError(f"dataset item {index} must provide image, mask and instruction")
+    if callable(image):
+        image = image()
+    if callable(mask):
+        mask = mask()
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"dataset item {index}: image must be a [3, H, W] tensor in [0, 1]")
+    example_id = str(get("example_id", None) or get("id", None) or f"example-{index}")
+    return image.float(), torch.as_tensor(mask).float(), str(instruction), example_id, dict(get("metadata", None) or {})
+
+
+def resize_example(image: torch.Tensor, mask: torch.Tensor, size: int):
+    """Image `[3, H, W]` (bicubic, clamped) and mask `[H, W]` (nearest) resized to `size`×`size`."""
+    image = F.interpolate(image[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    mask = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0]
+    return image, mask
+
+
+def example_at_resolution(item, index: int, size: int):
+    """`as_edit_example` with image and mask resized to `size`×`size` when they differ."""
+    image, mask, instruction, example_id, metadata = as_edit_example(item, index)
+    if image.shape[1] != size or image.shape[2] != size:
+        image, mask = resize_example(image, mask, size)
+    return image, mask, instruction, example_id, metadata
+
+
+class Subset:
+    """The items of `data` at `indices`, as a list-like dataset."""
+
+    def __init__(self, data, indices):
+        self.data, self.indices = data, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.data[self.indices[i]]
+
+
+def build_datasets(config):
+    """(train, held-out) datasets of `config.dataset`: the built-in "squares" task, or a CompBench
+    directory whose first `eval_size` examples are held out."""
+    if config.dataset == "squares":
+        from ..data.synthetic import SquareDataset
+
+        train = SquareDataset(config.train_size, size=config.resolution, seed=config.seed)
+        held_out = SquareDataset(config.eval_size, size=config.resolution, seed=10_000 + config.seed)
+        return train, held_out
+    from ..eval.compbench import CompBenchDataset
+
+    data = CompBenchDataset(config.dataset, resolution=config.resolution, require_ground_truth=False)
+    n_eval = min(config.eval_size, max(len(data) - 1, 0))
+    return Subset(data, range(n_eval, len(data))), Subset(data, range(n_eval))
+
+
+__all__ = ["Subset", "as_edit_example", "build_datasets", "example_at_resolution", "resize_example"]
