@@ -153,7 +153,7 @@ def run_edit(args) -> int:
 
     if (args.image is None) != (args.mask is None):
         raise ValueError("--image and --mask must be given together")
-    pipe, is_tiny = load_pipeline(args.model, device=args.device)
+    pipe, defaults = load_pipeline(args.model, device=args.device)
     if args.lora:
         from ..flux.pipeline import load_lora
 
@@ -164,15 +164,15 @@ def run_edit(args) -> int:
         example = EditExample(image=image, mask=mask, instruction=args.prompt or "edit the masked region",
                               example_id=Path(args.image).stem)
     else:
-        example = square_example(args.seed, 32 if is_tiny else 512)
+        example = square_example(args.seed, defaults.resolution if defaults.resolution <= 512 else 512)
         if args.prompt:
             example.instruction = args.prompt
-    steps = args.steps or (4 if is_tiny else 28)
+    steps = args.steps or defaults.num_inference_steps
     start = time.perf_counter()
     reports, images = edit_group(
         pipe, example, group_size=args.group_size, num_steps=steps, guidance_scale=args.guidance_scale,
         alpha_edit=args.alpha_edit, alpha_base=args.alpha_base, global_sigma=args.global_sigma, seed=args.seed,
-        max_sequence_length=16 if is_tiny else 512,
+        max_sequence_length=defaults.max_sequence_length,
     )
     elapsed = time.perf_counter() - start
     out = Path(args.output_dir)

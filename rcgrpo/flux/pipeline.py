@@ -1,11 +1,33 @@
-"""Loading pipelines and LoRA weights, with clear errors when files are missing."""
+"""Loading pipelines and LoRA weights, with clear errors when files are missing.
+
+`--model` means the same in every command: `tiny` (the random offline test pipeline), `tiny-editor`
+(the pretrained tiny editor shipped with rcgrpo, MiniBench), a local directory in the diffusers
+layout, or a hub id (FLUX.1-Kontext-dev is gated: `huggingface-cli login` first). `load_pipeline`
+returns the pipeline with the `ModelDefaults` (resolution, steps, text length, guidance) that suit it.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+TINY_MODELS = ("tiny", "tiny-editor")
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Settings that suit a model when a command is not told otherwise."""
+
+    resolution: int
+    num_inference_steps: int
+    max_sequence_length: int
+    guidance_scale: float = 2.5
+
+
+KONTEXT_DEFAULTS = ModelDefaults(resolution=1024, num_inference_steps=28, max_sequence_length=512)
+TINY_DEFAULTS = ModelDefaults(resolution=32, num_inference_steps=4, max_sequence_length=16)
 
 
 def default_device(device: str | None = None) -> torch.device:
@@ -16,14 +38,21 @@ def default_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_pipeline(model: str | None, *, device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0):
-    """(pipeline, is_tiny): the tiny offline model when `model` is None or "tiny", else
-    `FluxKontextPipeline.from_pretrained(model)` (hub id or local directory)."""
+def load_pipeline(model: str | None, *, device: str | None = None, dtype: torch.dtype | None = None,
+                  seed: int = 0) -> tuple[object, ModelDefaults]:
+    """(pipeline, defaults) for `--model` (see the module docstring; None means "tiny")."""
     dev = default_device(device)
     if model in (None, "tiny"):
         from ..testing import tiny_kontext_pipeline
 
-        return tiny_kontext_pipeline(seed, device=dev, dtype=dtype or torch.float32), True
+        return tiny_kontext_pipeline(seed, device=dev, dtype=dtype or torch.float32), TINY_DEFAULTS
+    if model == "tiny-editor":
+        from .. import testing
+
+        if not hasattr(testing, "tiny_editor"):
+            raise ValueError("--model tiny-editor: the pretrained tiny editor is not part of this build")
+        pipe = testing.tiny_editor(device=dev, dtype=dtype or torch.float32)
+        return pipe, testing.TINY_EDITOR_DEFAULTS
     from diffusers import FluxKontextPipeline
 
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -38,7 +67,7 @@ def load_pipeline(model: str | None, *, device: str | None = None, dtype: torch.
             "and pass its local path"
         ) from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dev), False
+    return pipe.to(dev), KONTEXT_DEFAULTS
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
