@@ -9,6 +9,11 @@
 // accumulates p = w_v exp(s - lse_img[v]) over the text rows into a per-(b, h) buffer, which is
 // then reduced over heads in a fixed order. Every output element is written by exactly one task
 // and every sum runs in a fixed order, so results do not depend on the number of threads.
+//
+// q, k, v and out are read and written through their B, H, N strides (unit stride in D), so the
+// sequence-major layout diffusers produces ([B, N, H, D].transpose(1, 2)) needs no copy; the
+// kernels see rows of D floats with a row stride, the same arithmetic in the same order as for a
+// dense tensor, so both layouts give bit-identical results.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -34,8 +39,12 @@ struct AttnArgs {
     float* out;            // [B, H, N, D]
     float* lse_img;        // [B, H, text_len]
     double* head_mass;     // [B, H, image_len]
+    Strides4 qs, ks, vs, os;
     int64_t B, H, N, D, text_len, image_len;
     float scale;
+
+    /// Offset of row 0 of head bh (= b * H + h) in a tensor of strides `st`.
+    int64_t head_offset(const Strides4& st, int64_t bh) const { return (bh / H) * st.b + (bh % H) * st.h; }
 };
 
 /// Floats of scratch one thread uses: a transposed key tile (pass 2), logits, accumulators and
@@ -45,10 +54,11 @@ int64_t scratch_floats(int64_t D) {
     return ceil_div(n, 16) * 16;
 }
 
-/// kT[d][j] = keys[j][d] * scale for j < nk and 0 for nk <= j < KB; kT is [D][KB].
-inline void pack_keys(const float* keys, int64_t nk, int64_t D, float scale, float* kT) {
+/// kT[d][j] = keys[j][d] * scale for j < nk and 0 for nk <= j < KB; kT is [D][KB]; key rows are
+/// `ldk` floats apart.
+inline void pack_keys(const float* keys, int64_t ldk, int64_t nk, int64_t D, float scale, float* kT) {
     for (int64_t j = 0; j < nk; ++j) {
-        const float* row = keys + j * D;
+        const float* row = keys + j * ldk;
         for (int64_t d = 0; d < D; ++d) kT[d * KB + j] = row[d] * scale;
     }
     for (int64_t d = 0; d < D; ++d) {
@@ -177,9 +187,10 @@ constexpr int score_cols() {
     return lanes<V>() == 8 || lanes<V>() == 4 ? 2 : 4;
 }
 
-/// s[r][jb + c] = Σ_d q[r][d] kT[d][jb + c] for r < R, c < C * lanes (q rows of length D).
+/// s[r][jb + c] = Σ_d q[r][d] kT[d][jb + c] for r < R, c < C * lanes (q rows of length D, `ldq`
+/// floats apart).
 template <class V, int R, int C>
-RC_INLINE void score_tile(const float* q, const float* kT, int64_t D, int64_t jb, float* s) {
+RC_INLINE void score_tile(const float* q, int64_t ldq, const float* kT, int64_t D, int64_t jb, float* s) {
     constexpr int64_t W = lanes<V>();
     V c[R][C];
     for (int r = 0; r < R; ++r) {
@@ -189,7 +200,7 @@ RC_INLINE void score_tile(const float* q, const float* kT, int64_t D, int64_t jb
         V kv[C];
         for (int t = 0; t < C; ++t) kv[t] = load<V>(kT + d * KB + jb + t * W);
         for (int r = 0; r < R; ++r) {
-            const float a = q[r * D + d];
+            const float a = q[r * ldq + d];
             for (int t = 0; t < C; ++t) c[r][t] += a * kv[t];
         }
     }
@@ -200,22 +211,27 @@ RC_INLINE void score_tile(const float* q, const float* kT, int64_t D, int64_t jb
 
 /// s[i][j] = Σ_d q[i][d] kT[d][j] for i < nq and j < ncols (ncols a multiple of the tile width).
 template <class V, int R>
-RC_INLINE void tile_scores(const float* q, int64_t nq, const float* kT, int64_t D, int64_t ncols,
-                           float* s) {
+RC_INLINE void tile_scores(const float* q, int64_t ldq, int64_t nq, const float* kT, int64_t D,
+                           int64_t ncols, float* s) {
     constexpr int C = score_cols<V>();
     constexpr int64_t CW = C * lanes<V>();
     int64_t i = 0;
     for (; i + R <= nq; i += R) {
-        for (int64_t jb = 0; jb < ncols; jb += CW) score_tile<V, R, C>(q + i * D, kT, D, jb, s + i * KB);
+        for (int64_t jb = 0; jb < ncols; jb += CW) {
+            score_tile<V, R, C>(q + i * ldq, ldq, kT, D, jb, s + i * KB);
+        }
     }
     for (; i < nq; ++i) {
-        for (int64_t jb = 0; jb < ncols; jb += CW) score_tile<V, 1, C>(q + i * D, kT, D, jb, s + i * KB);
+        for (int64_t jb = 0; jb < ncols; jb += CW) {
+            score_tile<V, 1, C>(q + i * ldq, ldq, kT, D, jb, s + i * KB);
+        }
     }
 }
 
-/// acc[r][db + c] += Σ_{j < nk} p[r][j] v[j][db + c] for r < R, c < C * lanes.
+/// acc[r][db + c] += Σ_{j < nk} p[r][j] v[j][db + c] for r < R, c < C * lanes (v rows `ldv` apart).
 template <class V, int R, int C>
-RC_INLINE void pv_tile(const float* p, const float* v, int64_t nk, int64_t D, int64_t db, float* acc) {
+RC_INLINE void pv_tile(const float* p, const float* v, int64_t ldv, int64_t nk, int64_t D, int64_t db,
+                       float* acc) {
     constexpr int64_t W = lanes<V>();
     V c[R][C];
     for (int r = 0; r < R; ++r) {
@@ -223,7 +239,7 @@ RC_INLINE void pv_tile(const float* p, const float* v, int64_t nk, int64_t D, in
     }
     for (int64_t j = 0; j < nk; ++j) {
         V vv[C];
-        for (int t = 0; t < C; ++t) vv[t] = load<V>(v + j * D + db + t * W);
+        for (int t = 0; t < C; ++t) vv[t] = load<V>(v + j * ldv + db + t * W);
         for (int r = 0; r < R; ++r) {
             const float a = p[r * KB + j];
             for (int t = 0; t < C; ++t) c[r][t] += a * vv[t];
@@ -237,33 +253,34 @@ RC_INLINE void pv_tile(const float* p, const float* v, int64_t nk, int64_t D, in
 /// acc[r] += Σ_{j < nk} p[r][j] v[j] for R rows: wide column blocks, single vectors, then the
 /// last D % lanes columns one by one.
 template <class V, int R>
-RC_INLINE void pv_rows(const float* p, const float* v, int64_t nk, int64_t D, float* acc) {
+RC_INLINE void pv_rows(const float* p, const float* v, int64_t ldv, int64_t nk, int64_t D, float* acc) {
     constexpr int C = score_cols<V>();
     constexpr int64_t W = lanes<V>();
     int64_t db = 0;
-    for (; db + C * W <= D; db += C * W) pv_tile<V, R, C>(p, v, nk, D, db, acc);
-    for (; db + W <= D; db += W) pv_tile<V, R, 1>(p, v, nk, D, db, acc);
+    for (; db + C * W <= D; db += C * W) pv_tile<V, R, C>(p, v, ldv, nk, D, db, acc);
+    for (; db + W <= D; db += W) pv_tile<V, R, 1>(p, v, ldv, nk, D, db, acc);
     for (; db < D; ++db) {
         for (int r = 0; r < R; ++r) {
             float c = acc[r * D + db];
-            for (int64_t j = 0; j < nk; ++j) c += p[r * KB + j] * v[j * D + db];
+            for (int64_t j = 0; j < nk; ++j) c += p[r * KB + j] * v[j * ldv + db];
             acc[r * D + db] = c;
         }
     }
 }
 
 template <class V, int R>
-RC_INLINE void tile_pv(const float* p, int64_t nq, const float* v, int64_t nk, int64_t D, float* acc) {
+RC_INLINE void tile_pv(const float* p, int64_t nq, const float* v, int64_t ldv, int64_t nk, int64_t D,
+                       float* acc) {
     constexpr int C = score_cols<V>();
     // Heads narrower than one wide column block take C times as many rows per tile instead, so
     // that the tile still has R * C independent accumulators.
     constexpr int RN = R * C;
     int64_t i = 0;
     if (D < C * lanes<V>()) {
-        for (; i + RN <= nq; i += RN) pv_rows<V, RN>(p + i * KB, v, nk, D, acc + i * D);
+        for (; i + RN <= nq; i += RN) pv_rows<V, RN>(p + i * KB, v, ldv, nk, D, acc + i * D);
     }
-    for (; i + R <= nq; i += R) pv_rows<V, R>(p + i * KB, v, nk, D, acc + i * D);
-    for (; i < nq; ++i) pv_rows<V, 1>(p + i * KB, v, nk, D, acc + i * D);
+    for (; i + R <= nq; i += R) pv_rows<V, R>(p + i * KB, v, ldv, nk, D, acc + i * D);
+    for (; i < nq; ++i) pv_rows<V, 1>(p + i * KB, v, ldv, nk, D, acc + i * D);
 }
 
 // ---- the passes -----------------------------------------------------------------------------
@@ -273,7 +290,7 @@ void pack_task(const AttnArgs& a, int64_t task) {
     const int64_t n_ktiles = ceil_div(a.N, KB);
     const int64_t bh = task / n_ktiles, kt = task % n_ktiles;
     const int64_t k0 = kt * KB;
-    pack_keys(a.k + (bh * a.N + k0) * a.D, std::min(KB, a.N - k0), a.D, a.scale,
+    pack_keys(a.k + a.head_offset(a.ks, bh) + k0 * a.ks.n, a.ks.n, std::min(KB, a.N - k0), a.D, a.scale,
               const_cast<float*>(a.kT) + task * a.D * KB);
 }
 
@@ -288,9 +305,9 @@ RC_INLINE void attention_task(const AttnArgs& a, int64_t task, float* scratch) {
     const int64_t bh = task / n_qblocks;
     const int64_t r0 = (task % n_qblocks) * QB;
     const int64_t nq = std::min(QB, N - r0);
-    const int64_t base = bh * N * D;
-    const float* qh = a.q + base + r0 * D;
-    const float* vh = a.v + base;
+    const int64_t ldq = a.qs.n, ldv = a.vs.n, ldo = a.os.n;
+    const float* qh = a.q + a.head_offset(a.qs, bh) + r0 * ldq;
+    const float* vh = a.v + a.head_offset(a.vs, bh);
     const float* kTh = a.kT + bh * n_ktiles * D * KB;
 
     float* s = scratch + D * KB;
@@ -313,7 +330,7 @@ RC_INLINE void attention_task(const AttnArgs& a, int64_t task, float* scratch) {
         const int64_t k0 = kt * KB;
         const int64_t nk = std::min(KB, N - k0);
         const int64_t nv = ceil_div(nk, W);  // vectors covering the real keys of a row
-        tile_scores<V, R>(qh, nq, kTh + kt * D * KB, D, ceil_div(nk, CW) * CW, s);
+        tile_scores<V, R>(qh, ldq, nq, kTh + kt * D * KB, D, ceil_div(nk, CW) * CW, s);
         const int64_t j0 = std::clamp<int64_t>(img_lo - k0, 0, nk);
         const int64_t j1 = std::clamp<int64_t>(img_hi - k0, 0, nk);
         for (int64_t i = 0; i < nq; ++i) {
@@ -354,13 +371,13 @@ RC_INLINE void attention_task(const AttnArgs& a, int64_t task, float* scratch) {
                 for (int64_t d = 0; d < D; ++d) ai[d] *= alpha;
             }
         }
-        tile_pv<V, R>(s, nq, vh + k0 * D, nk, D, acc);
+        tile_pv<V, R>(s, nq, vh + k0 * ldv, ldv, nk, D, acc);
     }
 
-    float* out = a.out + base + r0 * D;
+    float* out = a.out + a.head_offset(a.os, bh) + r0 * ldo;
     for (int64_t i = 0; i < nq; ++i) {
         const float inv = 1.0f / l[i];
-        for (int64_t d = 0; d < D; ++d) out[i * D + d] = acc[i * D + d] * inv;
+        for (int64_t d = 0; d < D; ++d) out[i * ldo + d] = acc[i * D + d] * inv;
     }
     for (int64_t i = 0; i < n_text; ++i) a.lse_img[bh * a.text_len + r0 + i] = mi[i] + std::log(li[i]);
 }
@@ -370,25 +387,26 @@ template <class V, int R>
 RC_INLINE void mass_task(const AttnArgs& a, int64_t task, float* scratch, double* buf) {
     constexpr int64_t W = lanes<V>();
     constexpr int64_t CW = score_cols<V>() * W;
-    const int64_t D = a.D, N = a.N, T = a.text_len;
+    const int64_t D = a.D, T = a.text_len;
     const int64_t n_ublocks = ceil_div(a.image_len, KB);
     const int64_t bh = task / n_ublocks;
     const int64_t b = bh / a.H;
     const int64_t u0 = (task % n_ublocks) * KB;
     const int64_t nu = std::min(KB, a.image_len - u0);
-    const int64_t base = bh * N * D;
+    const int64_t ldq = a.qs.n, ldk = a.ks.n;
+    const float* qh = a.q + a.head_offset(a.qs, bh);
 
     float* kT = scratch;
     float* s = kT + D * KB;
     // The same scale * k values as pass 1, so the logits match those of lse_img bit for bit.
-    pack_keys(a.k + base + (T + u0) * D, nu, D, a.scale, kT);
+    pack_keys(a.k + a.head_offset(a.ks, bh) + (T + u0) * ldk, ldk, nu, D, a.scale, kT);
     std::fill(buf, buf + KB, 0.0);
     const float* lse = a.lse_img + bh * T;
     const float* w = a.weights ? a.weights + b * T : nullptr;
     const int64_t nv = ceil_div(nu, W);
     for (int64_t r0 = 0; r0 < T; r0 += QB) {
         const int64_t nr = std::min(QB, T - r0);
-        tile_scores<V, R>(a.q + base + r0 * D, nr, kT, D, ceil_div(nu, CW) * CW, s);
+        tile_scores<V, R>(qh + r0 * ldq, ldq, nr, kT, D, ceil_div(nu, CW) * CW, s);
         for (int64_t i = 0; i < nr; ++i) {
             const float c = lse[r0 + i];
             const float wi = w ? w[r0 + i] : 1.0f;
@@ -406,8 +424,9 @@ RC_INLINE void mass_task(const AttnArgs& a, int64_t task, float* scratch, double
 // ---- ISA dispatch ---------------------------------------------------------------------------
 // setup.py builds for the baseline target; the task bodies are instantiated once per ISA level
 // with the matching vector width (x86-64-v4: AVX-512, 16 lanes; v3: AVX2+FMA, 8 lanes; baseline:
-// 4 lanes), inlined into a wrapper compiled for that ISA, and picked once by CPU features.
-// (common.h's RC_CLONES cannot be used: target_clones compiles one body, so one vector width.)
+// 4 lanes), inlined into a wrapper compiled for that ISA, and picked once by `selected_isa()`
+// (CPU features capped by RCGRPO_CPU_ISA, see cpu_isa.cpp). target_clones cannot be used here: it
+// compiles one body, so one vector width.
 using AttentionFn = void (*)(const AttnArgs&, int64_t, float*);
 using MassFn = void (*)(const AttnArgs&, int64_t, float*, double*);
 struct TaskFns {
@@ -423,9 +442,7 @@ using BaseVec = float;
 void attention_base(const AttnArgs& a, int64_t t, float* s) { attention_task<BaseVec, 4>(a, t, s); }
 void mass_base(const AttnArgs& a, int64_t t, float* s, double* buf) { mass_task<BaseVec, 4>(a, t, s, buf); }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RC_X86_DISPATCH 1
-#define RC_TARGET(isa) __attribute__((target(isa), noinline))
+#ifdef RC_X86_DISPATCH
 RC_TARGET("arch=x86-64-v3") void attention_v3(const AttnArgs& a, int64_t t, float* s) {
     attention_task<vf8, 4>(a, t, s);
 }
@@ -440,25 +457,21 @@ RC_TARGET("arch=x86-64-v4") void mass_v4(const AttnArgs& a, int64_t t, float* s,
 }
 #endif
 
-// Building with -DRCGRPO_ACD_MAX_ISA=3 (or 0) caps the level, to test the narrower kernels.
-#ifndef RCGRPO_ACD_MAX_ISA
-#define RCGRPO_ACD_MAX_ISA 4
-#endif
-
 TaskFns select_task_fns() {
 #ifdef RC_X86_DISPATCH
-    __builtin_cpu_init();
-    if (RCGRPO_ACD_MAX_ISA >= 4 && __builtin_cpu_supports("x86-64-v4")) return {attention_v4, mass_v4};
-    if (RCGRPO_ACD_MAX_ISA >= 3 && __builtin_cpu_supports("x86-64-v3")) return {attention_v3, mass_v3};
+    const int level = selected_isa();
+    if (level >= ISA_AVX512) return {attention_v4, mass_v4};
+    if (level >= ISA_AVX2) return {attention_v3, mass_v3};
 #endif
     return {attention_base, mass_base};
 }
 
 }  // namespace
 
-void acd_attention_cpu(const float* q, const float* k, const float* v, const float* weights,
-                       float* out, float* mass, int64_t B, int64_t H, int64_t N, int64_t D,
-                       int64_t text_len, int64_t image_len, float scale, int num_threads) {
+void acd_attention_cpu(const float* q, Strides4 qs, const float* k, Strides4 ks, const float* v,
+                       Strides4 vs, const float* weights, float* out, Strides4 os, float* mass,
+                       int64_t B, int64_t H, int64_t N, int64_t D, int64_t text_len,
+                       int64_t image_len, float scale, int num_threads) {
     static const TaskFns fns = select_task_fns();
     const int nt = std::max(1, num_threads);
     const int64_t n_ktiles = ceil_div(N, KB);
@@ -469,8 +482,9 @@ void acd_attention_cpu(const float* q, const float* k, const float* v, const flo
     const int64_t per_thread = scratch_floats(D);
     std::vector<float> scratch(static_cast<size_t>(nt * per_thread));
     std::vector<double> mass_buf(static_cast<size_t>(nt * KB));
-    const AttnArgs args{q, k, v, weights, kT.get(), out, lse.data(), head_mass.data(),
-                        B, H, N, D, text_len, image_len, scale};
+    const AttnArgs args{q,  k,  v,  weights, kT.get(), out, lse.data(), head_mass.data(),
+                        qs, ks, vs, os,      B,        H,   N,          D,
+                        text_len, image_len, scale};
 
     const int64_t n_pass0 = B * H * n_ktiles;
     const int64_t n_pass1 = B * H * ceil_div(N, QB);

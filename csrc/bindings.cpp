@@ -1,6 +1,7 @@
 // Python bindings of rcgrpo_kernels._C: numpy buffers in, numpy buffers out.
 // Every entry point re-checks the sizes (std::invalid_argument -> ValueError) before touching a
-// buffer and releases the GIL while the OpenMP kernels run.
+// buffer and releases the GIL while the OpenMP kernels run. acd_attention takes q, k, v (and an
+// optional preallocated out) with any B, H, N strides and unit stride in D, without a copy.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -19,6 +20,8 @@ namespace {
 
 template <typename S>
 using carray = py::array_t<S, py::array::c_style | py::array::forcecast>;
+// float32 arrays with their strides (other dtypes are converted to a dense float32 copy).
+using farray = py::array_t<float, py::array::forcecast>;
 
 std::string shape_of(const py::array& a) {
     std::ostringstream os;
@@ -33,9 +36,26 @@ void require_ndim(const py::array& a, py::ssize_t ndim, const char* name, const 
                                   layout + ", got shape " + shape_of(a));
 }
 
-py::tuple acd_attention(const carray<float>& q, const carray<float>& k, const carray<float>& v,
-                        int64_t text_len, int64_t image_len, double scale,
-                        const std::optional<carray<float>>& text_weights, int64_t num_threads) {
+/// Element strides of B, H, N of a [B, H, N, D] float32 array; D must have unit stride (a size-1
+/// dimension's stride is irrelevant and ignored).
+rcgrpo::Strides4 strides_of(const py::array& a, const char* name) {
+    const py::ssize_t item = static_cast<py::ssize_t>(sizeof(float));
+    int64_t st[4];
+    for (int d = 0; d < 4; ++d) {
+        require(a.strides(d) % item == 0, std::string(name) + " has strides that are not a multiple of " +
+                                              "the float size");
+        st[d] = a.shape(d) == 1 ? 0 : static_cast<int64_t>(a.strides(d) / item);
+    }
+    require(a.shape(3) == 1 || st[3] == 1,
+            std::string(name) + " must have unit stride in its last dimension D, got a stride of " +
+                std::to_string(st[3]) + " floats");
+    return {st[0], st[1], st[2]};
+}
+
+py::tuple acd_attention(const farray& q, const farray& k, const farray& v, int64_t text_len,
+                        int64_t image_len, double scale,
+                        const std::optional<carray<float>>& text_weights, int64_t num_threads,
+                        const std::optional<py::array>& out_arg) {
     require_ndim(q, 4, "q", "[B, H, N, D]");
     require_ndim(k, 4, "k", "[B, H, N, D]");
     require_ndim(v, 4, "v", "[B, H, N, D]");
@@ -63,15 +83,25 @@ py::tuple acd_attention(const carray<float>& q, const carray<float>& k, const ca
         weights = w.data();
     }
     const int nt = rcgrpo::resolve_threads(num_threads);
+    const rcgrpo::Strides4 qs = strides_of(q, "q"), ks = strides_of(k, "k"), vs = strides_of(v, "v");
 
-    carray<float> out({B, H, N, D});
+    py::array out = out_arg.has_value() ? *out_arg : py::array(carray<float>({B, H, N, D}));
+    if (out_arg.has_value()) {
+        require(out.dtype().is(py::dtype::of<float>()), "out must be a float32 array");
+        require(out.writeable(), "out must be writeable");
+        require(out.ndim() == 4 && out.shape(0) == B && out.shape(1) == H && out.shape(2) == N &&
+                    out.shape(3) == D,
+                "out must have the shape of q " + shape_of(q) + ", got " + shape_of(out));
+    }
+    const rcgrpo::Strides4 os = strides_of(out, "out");
     carray<float> mass({B, image_len});
-    float* out_ptr = out.mutable_data();
+    float* out_ptr = static_cast<float*>(out.mutable_data());
     float* mass_ptr = mass.mutable_data();
     {
         py::gil_scoped_release release;
-        rcgrpo::acd_attention_cpu(q.data(), k.data(), v.data(), weights, out_ptr, mass_ptr, B, H,
-                                  N, D, text_len, image_len, static_cast<float>(scale), nt);
+        rcgrpo::acd_attention_cpu(q.data(), qs, k.data(), ks, v.data(), vs, weights, out_ptr, os,
+                                  mass_ptr, B, H, N, D, text_len, image_len,
+                                  static_cast<float>(scale), nt);
     }
     return py::make_tuple(out, mass);
 }
@@ -130,11 +160,15 @@ py::tuple region_bwd(const carray<S>& dS, const carray<S>& x, const carray<S>& y
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "rcgrpo_kernels C++/OpenMP CPU backend: acd_attention and region_sq_dists";
+    // Reads RCGRPO_CPU_ISA now: an invalid value fails the import with a ValueError that says so.
+    rcgrpo::selected_isa();
 
     m.def("acd_attention", &acd_attention, py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("text_len"), py::arg("image_len"), py::arg("scale"),
-          py::arg("text_weights") = py::none(), py::arg("num_threads") = 0,
-          "q, k, v [B, H, N, D] float32 -> (out [B, H, N, D] float32, mass [B, image_len] float32).");
+          py::arg("text_weights") = py::none(), py::arg("num_threads") = 0, py::arg("out") = py::none(),
+          "q, k, v [B, H, N, D] float32 (any B/H/N strides, unit D stride) -> (out [B, H, N, D] float32, "
+          "mass [B, image_len] float32). `out`: an optional float32 array of q's shape (any strides with "
+          "unit D stride) that receives the output and is returned.");
 
     const char* fwd_doc = "x [T, G, D], y [T, K, D], mask [D] -> S [T, K, G, 2].";
     const char* bwd_doc = "dS [T, K, G, 2], x [T, G, D], y [T, K, D], mask [D] -> (dx, dy).";
@@ -148,5 +182,9 @@ PYBIND11_MODULE(_C, m) {
           py::arg("y"), py::arg("mask"), py::arg("num_threads") = 0, bwd_doc);
 
     m.def("openmp_enabled", &rcgrpo::openmp_enabled, "Whether the extension was built with OpenMP.");
+    m.def("cpu_isa", [] { return std::string(rcgrpo::isa_name(rcgrpo::selected_isa())); },
+          "ISA level the kernels use: 'avx512', 'avx2' or 'baseline' (CPU features capped by RCGRPO_CPU_ISA).");
+    m.def("cpu_isa_detected", [] { return std::string(rcgrpo::isa_name(rcgrpo::detected_isa())); },
+          "Highest ISA level this CPU supports: 'avx512', 'avx2' or 'baseline'.");
     m.def("max_threads", &rcgrpo::max_threads, "Threads a parallel region uses by default.");
 }

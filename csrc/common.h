@@ -9,14 +9,13 @@
 #include <omp.h>
 #endif
 
-// Hot per-task functions are compiled twice (x86-64-v3, i.e. AVX2+FMA, and the baseline ISA)
-// and picked at load time by CPU features, since setup.py builds for the baseline x86-64 target
-// ("arch=haswell" would dispatch on that CPU model only). Helpers they call are force-inlined so
-// that they are compiled for the clone's ISA too.
+// Hot per-task functions are instantiated once per ISA level, each inlined into a wrapper compiled
+// with `RC_TARGET(...)` for that level (setup.py builds for the baseline x86-64 target), and one of
+// them is picked at run time by `selected_isa()` (CPU features, capped by RCGRPO_CPU_ISA).
+// Helpers they call are force-inlined so that they are compiled for the wrapper's ISA too.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RC_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), noinline))
-#else
-#define RC_CLONES
+#define RC_X86_DISPATCH 1
+#define RC_TARGET(isa) __attribute__((target(isa), noinline))
 #endif
 
 #if defined(__GNUC__)
@@ -74,17 +73,38 @@ inline void require(bool ok, const std::string& message) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// ---- CPU ISA level of the kernels ----
+// Levels: ISA_AVX512 (x86-64-v4), ISA_AVX2 (x86-64-v3: AVX2 + FMA), ISA_BASELINE (x86-64: SSE2).
+enum IsaLevel : int { ISA_BASELINE = 0, ISA_AVX2 = 3, ISA_AVX512 = 4 };
+
+/// The highest level this CPU (and this build) supports.
+int detected_isa();
+/// The level the kernels use: detected_isa() capped by the environment variable RCGRPO_CPU_ISA
+/// ("avx512" | "avx2" | "baseline", case-insensitive; unset or empty: no cap), read once.
+/// Throws std::invalid_argument for any other value.
+int selected_isa();
+/// "avx512", "avx2" or "baseline".
+const char* isa_name(int level);
+
 }  // namespace rcgrpo
 
 namespace rcgrpo {
 
-// ---- kernels (raw contiguous buffers; sizes are checked by the bindings) ----
+// ---- kernels (raw buffers; sizes and strides are checked by the bindings) ----
 
-/// q, k, v: [B, H, N, D] fp32; weights: [B, text_len] or nullptr (w = 1).
-/// Writes out [B, H, N, D] = softmax(q kᵀ scale) v and mass [B, image_len] (SPEC §7).
-void acd_attention_cpu(const float* q, const float* k, const float* v, const float* weights,
-                       float* out, float* mass, int64_t B, int64_t H, int64_t N, int64_t D,
-                       int64_t text_len, int64_t image_len, float scale, int num_threads);
+/// Element strides of the B, H and N dimensions of a [B, H, N, D] tensor whose D stride is 1
+/// (dense: {H*N*D, N*D, D}; diffusers' [B, N, H, D].transpose(1, 2): {N*H*D, D, H*D}).
+struct Strides4 {
+    int64_t b, h, n;
+};
+
+/// q, k, v: [B, H, N, D] fp32 with the given strides; weights: [B, text_len] dense or nullptr
+/// (w = 1). Writes out [B, H, N, D] (strides `os`) = softmax(q kᵀ scale) v and mass
+/// [B, image_len] dense (SPEC §7).
+void acd_attention_cpu(const float* q, Strides4 qs, const float* k, Strides4 ks, const float* v,
+                       Strides4 vs, const float* weights, float* out, Strides4 os, float* mass,
+                       int64_t B, int64_t H, int64_t N, int64_t D, int64_t text_len,
+                       int64_t image_len, float scale, int num_threads);
 
 /// x [T, G, D], y [T, K, D], mask [D] -> S [T, K, G, 2] (inside / outside the mask).
 void region_sq_dists_fwd_cpu(const float* x, const float* y, const float* mask, float* S,

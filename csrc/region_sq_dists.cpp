@@ -4,6 +4,10 @@
 // Forward: one task per (t, i, fixed span of D); partial sums go to a buffer and are added over
 // the spans in order. Backward: one task per (t, chunk of D) writes its slice of dx and dy.
 // The split never depends on the thread count, so results are bit-identical for any of them.
+// The task bodies are compiled for AVX-512, AVX2 and the baseline ISA and picked at run time by
+// `selected_isa()` (CPU features, capped by RCGRPO_CPU_ISA; see cpu_isa.cpp).
+//
+// Inputs are dense (the Python wrapper makes x and y contiguous; they are contiguous in practice).
 #include <algorithm>
 #include <vector>
 
@@ -61,18 +65,12 @@ RC_INLINE void fwd_span(const S* xi, const S* yt, const S* mask, int64_t K, int6
     }
 }
 
-RC_CLONES void fwd_task_f32(const float* x, const float* y, const float* mask, int64_t G,
-                            int64_t K, int64_t D, int64_t task, double* part) {
+template <typename S>
+RC_INLINE void fwd_task(const S* x, const S* y, const S* mask, int64_t G, int64_t K, int64_t D,
+                        int64_t task, double* part) {
     const int64_t n_spans = ceil_div(D, SPAN);
     const int64_t ti = task / n_spans, t = ti / G, lo = (task % n_spans) * SPAN;
-    fwd_span<float>(x + ti * D, y + t * K * D, mask, K, D, lo, std::min(D, lo + SPAN), part);
-}
-
-RC_CLONES void fwd_task_f64(const double* x, const double* y, const double* mask, int64_t G,
-                            int64_t K, int64_t D, int64_t task, double* part) {
-    const int64_t n_spans = ceil_div(D, SPAN);
-    const int64_t ti = task / n_spans, t = ti / G, lo = (task % n_spans) * SPAN;
-    fwd_span<double>(x + ti * D, y + t * K * D, mask, K, D, lo, std::min(D, lo + SPAN), part);
+    fwd_span<S>(x + ti * D, y + t * K * D, mask, K, D, lo, std::min(D, lo + SPAN), part);
 }
 
 template <typename S, typename Task>
@@ -130,19 +128,12 @@ RC_INLINE void bwd_chunk(const S* dS, const S* x, const S* y, const S* mask, S* 
     }
 }
 
-RC_CLONES void bwd_task_f32(const float* dS, const float* x, const float* y, const float* mask,
-                            float* dx, float* dy, int64_t G, int64_t K, int64_t D, int64_t task) {
+template <typename S>
+RC_INLINE void bwd_task(const S* dS, const S* x, const S* y, const S* mask, S* dx, S* dy,
+                        int64_t G, int64_t K, int64_t D, int64_t task) {
     const int64_t n_chunks = ceil_div(D, BCHUNK);
     const int64_t t = task / n_chunks, lo = (task % n_chunks) * BCHUNK;
-    bwd_chunk<float>(dS, x, y, mask, dx, dy, t, G, K, D, lo, std::min(D, lo + BCHUNK));
-}
-
-RC_CLONES void bwd_task_f64(const double* dS, const double* x, const double* y,
-                            const double* mask, double* dx, double* dy, int64_t G, int64_t K,
-                            int64_t D, int64_t task) {
-    const int64_t n_chunks = ceil_div(D, BCHUNK);
-    const int64_t t = task / n_chunks, lo = (task % n_chunks) * BCHUNK;
-    bwd_chunk<double>(dS, x, y, mask, dx, dy, t, G, K, D, lo, std::min(D, lo + BCHUNK));
+    bwd_chunk<S>(dS, x, y, mask, dx, dy, t, G, K, D, lo, std::min(D, lo + BCHUNK));
 }
 
 template <typename S, typename Task>
@@ -154,28 +145,76 @@ void bwd_driver(const S* dS, const S* x, const S* y, const S* mask, S* dx, S* dy
     for (int64_t task = 0; task < n_tasks; ++task) task_fn(dS, x, y, mask, dx, dy, G, K, D, task);
 }
 
+// ---- ISA dispatch: one out-of-line copy of each task per ISA level ----
+template <typename S>
+using FwdFn = void (*)(const S*, const S*, const S*, int64_t, int64_t, int64_t, int64_t, double*);
+template <typename S>
+using BwdFn = void (*)(const S*, const S*, const S*, const S*, S*, S*, int64_t, int64_t, int64_t, int64_t);
+
+#define RC_REGION_TASKS(SUFFIX, ATTR)                                                              \
+    template <typename S>                                                                          \
+    ATTR void fwd_##SUFFIX(const S* x, const S* y, const S* m, int64_t G, int64_t K, int64_t D,    \
+                           int64_t task, double* part) {                                           \
+        fwd_task<S>(x, y, m, G, K, D, task, part);                                                 \
+    }                                                                                              \
+    template <typename S>                                                                          \
+    ATTR void bwd_##SUFFIX(const S* dS, const S* x, const S* y, const S* m, S* dx, S* dy, int64_t G, \
+                           int64_t K, int64_t D, int64_t task) {                                   \
+        bwd_task<S>(dS, x, y, m, dx, dy, G, K, D, task);                                           \
+    }
+
+RC_REGION_TASKS(base, __attribute__((noinline)))
+#ifdef RC_X86_DISPATCH
+RC_REGION_TASKS(v3, RC_TARGET("arch=x86-64-v3"))
+RC_REGION_TASKS(v4, RC_TARGET("arch=x86-64-v4"))
+#endif
+
+template <typename S>
+FwdFn<S> select_fwd() {
+#ifdef RC_X86_DISPATCH
+    const int level = selected_isa();
+    if (level >= ISA_AVX512) return fwd_v4<S>;
+    if (level >= ISA_AVX2) return fwd_v3<S>;
+#endif
+    return fwd_base<S>;
+}
+
+template <typename S>
+BwdFn<S> select_bwd() {
+#ifdef RC_X86_DISPATCH
+    const int level = selected_isa();
+    if (level >= ISA_AVX512) return bwd_v4<S>;
+    if (level >= ISA_AVX2) return bwd_v3<S>;
+#endif
+    return bwd_base<S>;
+}
+
 }  // namespace
 
 void region_sq_dists_fwd_cpu(const float* x, const float* y, const float* mask, float* S,
                              int64_t T, int64_t G, int64_t K, int64_t D, int num_threads) {
-    fwd_driver<float>(x, y, mask, S, T, G, K, D, num_threads, fwd_task_f32);
+    static const FwdFn<float> fn = select_fwd<float>();
+    fwd_driver<float>(x, y, mask, S, T, G, K, D, num_threads, fn);
 }
 
 void region_sq_dists_fwd_cpu(const double* x, const double* y, const double* mask, double* S,
                              int64_t T, int64_t G, int64_t K, int64_t D, int num_threads) {
-    fwd_driver<double>(x, y, mask, S, T, G, K, D, num_threads, fwd_task_f64);
+    static const FwdFn<double> fn = select_fwd<double>();
+    fwd_driver<double>(x, y, mask, S, T, G, K, D, num_threads, fn);
 }
 
 void region_sq_dists_bwd_cpu(const float* dS, const float* x, const float* y, const float* mask,
                              float* dx, float* dy, int64_t T, int64_t G, int64_t K, int64_t D,
                              int num_threads) {
-    bwd_driver<float>(dS, x, y, mask, dx, dy, T, G, K, D, num_threads, bwd_task_f32);
+    static const BwdFn<float> fn = select_bwd<float>();
+    bwd_driver<float>(dS, x, y, mask, dx, dy, T, G, K, D, num_threads, fn);
 }
 
 void region_sq_dists_bwd_cpu(const double* dS, const double* x, const double* y,
                              const double* mask, double* dx, double* dy, int64_t T, int64_t G,
                              int64_t K, int64_t D, int num_threads) {
-    bwd_driver<double>(dS, x, y, mask, dx, dy, T, G, K, D, num_threads, bwd_task_f64);
+    static const BwdFn<double> fn = select_bwd<double>();
+    bwd_driver<double>(dS, x, y, mask, dx, dy, T, G, K, D, num_threads, fn);
 }
 
 }  // namespace rcgrpo

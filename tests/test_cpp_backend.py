@@ -1,8 +1,10 @@
 """C++ (pybind11 + OpenMP) CPU backend: `rcgrpo_kernels._C` and its wrapper `cpp_ops`.
 
 Checked against float64 computations written here and against the torch reference backend, at odd
-sizes, for every input dtype, for thread-count independence, and for the size checks of the
-extension itself. The last test simulates an install without the extension.
+sizes, for every input dtype, for thread-count independence, for strided (diffusers) layouts, and
+for the size checks of the extension itself. The last test simulates an install without the
+extension. tests/test_kernel_cpu_isa.py reruns this file with RCGRPO_CPU_ISA=avx2 and =baseline,
+so that every ISA path of the kernels is checked against the same references.
 """
 import os
 import subprocess
@@ -154,8 +156,56 @@ def test_auto_backend_picks_cpp_for_cpu_tensors():
 def test_float32_buffers_cross_without_copy():
     t = torch.randn(2, 3, 5, 4)
     assert cpp_ops._buffer(t, torch.float32).ctypes.data == t.data_ptr()
-    strided = t.transpose(1, 2)
-    assert cpp_ops._buffer(strided, torch.float32).flags["C_CONTIGUOUS"]
+    # The sequence-major layout of diffusers crosses as it is (the kernels take its strides) ...
+    strided = torch.randn(2, 5, 3, 4).transpose(1, 2)
+    view = cpp_ops._unit_stride_view(strided)
+    assert view.data_ptr() == strided.data_ptr() and view.stride() == strided.stride()
+    assert view.numpy().ctypes.data == strided.data_ptr()
+    # ... and only a non-unit stride in D is copied.
+    assert cpp_ops._unit_stride_view(t.transpose(2, 3)).is_contiguous()
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 77, 3, 48), (1, 9, 2, 3), (2, 150, 2, 20)], ids=lambda s: "x".join(map(str, s)))
+def test_acd_sequence_major_layout_is_bitwise_equal_to_contiguous(shape, dtype):
+    b, n, h, d = shape
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(b, n, h, d, generator=g).to(dtype).transpose(1, 2) for _ in range(3))
+    text_len, image_len = min(7, n // 3), n // 2
+    w = torch.rand(b, text_len, generator=g)
+    out, mass = cpp_ops.acd_attention_cpp(q, k, v, text_len, image_len, 0.3, w)
+    out_c, mass_c = cpp_ops.acd_attention_cpp(q.contiguous(), k.contiguous(), v.contiguous(), text_len, image_len, 0.3, w)
+    assert torch.equal(out, out_c) and torch.equal(mass, mass_c)
+    assert out.stride() == q.stride()  # out in q's layout: out.transpose(1, 2).flatten(2) is a view
+    ref_out, ref_mass = naive_acd(q, k, v, text_len, image_len, 0.3, w)
+    tol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    torch.testing.assert_close(mass.double(), ref_mass, rtol=1e-5, atol=1e-6)
+
+
+@needs_cpp
+def test_acd_other_strides_and_broadcast_keys():
+    """Any B/H/N strides: keys shared by all heads (stride 0 over H) and rows with padding."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 40, 24, generator=g)
+    k = torch.randn(2, 1, 40, 24, generator=g).expand(2, 3, 40, 24)
+    v = torch.randn(2, 3, 40, 32, generator=g)[..., 4:28]
+    assert k.stride(1) == 0 and v.stride(2) == 32
+    out, mass = acd_attention(q, k, v, 9, 25, backend="cpp")
+    ref_out, ref_mass = naive_acd(q, k, v, 9, 25, 24**-0.5)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(mass.double(), ref_mass, rtol=1e-5, atol=1e-6)
+
+
+@needs_cpp
+def test_cpu_isa_matches_environment():
+    """The ISA level in use is the CPU's, capped by RCGRPO_CPU_ISA (read at import)."""
+    levels = ["baseline", "avx2", "avx512"]
+    detected = _C.cpu_isa_detected()
+    cap = os.environ.get("RCGRPO_CPU_ISA", "").strip().lower() or "avx512"
+    expected = levels[min(levels.index(cap), levels.index(detected))]
+    assert _C.cpu_isa() == expected == cpp_ops.cpu_isa()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +348,20 @@ def test_extension_rejects_bad_text_weights_and_threads():
         _C.acd_attention(q, q, q, 3, 4, 0.5, None, -1)
     out, mass = _C.acd_attention(q, q, q, 3, 4, 0.5, _arr(2, 3), 1)  # consistent: runs
     assert out.shape == (2, 2, 10, 8) and mass.shape == (2, 4)
+
+
+@needs_cpp
+def test_extension_rejects_bad_strides_and_out():
+    q = _arr(1, 2, 10, 8)
+    with pytest.raises(ValueError, match="q must have unit stride in its last dimension"):
+        _C.acd_attention(np.zeros((1, 2, 10, 16), np.float32)[..., ::2], q, q, 2, 3, 0.5)
+    with pytest.raises(ValueError, match="out must have the shape of q"):
+        _C.acd_attention(q, q, q, 2, 3, 0.5, None, 0, _arr(1, 2, 10, 7))
+    with pytest.raises(ValueError, match="out must be a float32 array"):
+        _C.acd_attention(q, q, q, 2, 3, 0.5, None, 0, np.zeros((1, 2, 10, 8)))
+    out = np.zeros((1, 10, 2, 8), np.float32).transpose(0, 2, 1, 3)  # strided out is filled in place
+    got, _ = _C.acd_attention(np.ones_like(q), np.ones_like(q), np.ones_like(q), 2, 3, 0.5, None, 0, out)
+    assert got is out and np.all(out == 1.0)
 
 
 @needs_cpp
