@@ -2,12 +2,17 @@
 
 Three backends per op: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cpp"
 (CPU tensors, needs the compiled `rcgrpo_kernels._C`), "torch" (reference, any device).
+
+When `backend="auto"` has to take a slower path than the usual one (CUDA tensors without triton,
+CPU tensors without the C++ extension, a head dim the Triton kernels do not take), it warns once
+per reason (`warn_fallback`); `python -m rcgrpo_kernels` lists the fallbacks that apply here.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -34,11 +39,36 @@ def _cpp_import_error() -> str | None:
     try:
         importlib.import_module("rcgrpo_kernels._C")
     except Exception as exc:  # noqa: BLE001
+        if "RCGRPO_CPU_ISA" in str(exc):  # built, but the environment asks for an unknown ISA
+            return f"the C++ extension rcgrpo_kernels._C does not load: {exc}"
         return (
             f"the C++ extension rcgrpo_kernels._C is not built ({type(exc).__name__}: {exc}); "
             "reinstall with a C++17 compiler and without RCGRPO_NO_EXT"
         )
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Fallback warnings: once per reason, and a record for `python -m rcgrpo_kernels`.
+# --------------------------------------------------------------------------------------------
+class FallbackWarning(UserWarning):
+    """`backend="auto"` (or `mode="auto"`) took a slower path than usual; the message says why."""
+
+
+_WARNED: dict[str, str] = {}
+
+
+def warn_fallback(key: str, message: str) -> None:
+    """Warn `message` the first time `key` is seen in this process (not while torch.compile traces)."""
+    if key in _WARNED or torch.compiler.is_compiling():
+        return
+    _WARNED[key] = message
+    warnings.warn(f"rcgrpo_kernels: {message}", FallbackWarning, stacklevel=3)
+
+
+def fallbacks_seen() -> dict[str, str]:
+    """{reason key: message} of the fallback warnings issued so far in this process."""
+    return dict(_WARNED)
 
 
 def backend_unavailable_reason(backend: str, device: torch.device | None = None) -> str | None:
@@ -75,10 +105,17 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"{op}: backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and _triton_import_error() is None:
-            return "triton"
-        if device.type == "cpu" and _cpp_import_error() is None:
-            return "cpp"
+        if device.type == "cuda":
+            err = _triton_import_error()
+            if err is None:
+                return "triton"
+            warn_fallback("cuda-no-triton", f"CUDA tensors use the slow torch reference backend: {err}")
+            return "torch"
+        if device.type == "cpu":
+            err = _cpp_import_error()
+            if err is None:
+                return "cpp"
+            warn_fallback("cpu-no-cpp", f"CPU tensors use the slower torch reference backend: {err}")
         return "torch"
     reason = backend_unavailable_reason(backend, device)
     if reason is not None:
@@ -89,3 +126,15 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
 def available_backends() -> dict[str, str | None]:
     """{backend: None if it can run here, else the reason it cannot}."""
     return {name: backend_unavailable_reason(name) for name in BACKENDS}
+
+
+def auto_fallbacks() -> list[str]:
+    """The cases where `backend="auto"` leaves the usual backend on this machine (each warns once)."""
+    notes = []
+    err = _triton_import_error()
+    if err is not None:
+        notes.append(f"CUDA tensors -> torch reference (both ops): {err}")
+    err = _cpp_import_error()
+    if err is not None:
+        notes.append(f"CPU tensors -> torch reference (both ops): {err}")
+    return notes

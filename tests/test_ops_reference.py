@@ -165,3 +165,67 @@ def test_kernels_folder_found_as_top_level_kernels_registers_nothing():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# acd_attention_eager: the materialized baseline of the benchmarks and the dry run
+# --------------------------------------------------------------------------------------------
+def test_eager_baseline_matches_sdpa_and_materialized_mass():
+    from rcgrpo_kernels.acd_attention import acd_attention_eager
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 45, 12, generator=g) for _ in range(3))
+    w = torch.rand(2, 9, generator=g)
+    out, mass = acd_attention_eager(q, k, v, 9, 20, text_weights=w)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    ref = _materialized_mass(q, k, 9, 20, 12**-0.5, w)
+    torch.testing.assert_close(mass.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_eager_baseline_mass_is_fp32_when_fp16_image_weights_underflow():
+    """Text keys beat the image keys by ~40 nats: every image weight of a text row is 0 in fp16
+    (smallest subnormal ~e^-16.6), and renormalizing fp16 weights over the image keys gave NaN."""
+    from rcgrpo_kernels.acd_attention import acd_attention_eager
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (0.3 * torch.randn(1, 2, 48, 16, generator=g) for _ in range(3))
+    q[..., 0] = 5.0
+    k[:, :, :8, 0] = 8.0  # text keys
+    q, k, v = (t.half() for t in (q, k, v))
+    w = torch.rand(1, 8, generator=g)
+    weights16 = torch.softmax((q.float() @ k.float().transpose(-1, -2)), -1).half()
+    assert not weights16[:, :, :8, 8:32].any()  # the fp16 weights of text rows on image keys underflow
+    out, mass = acd_attention_eager(q, k, v, 8, 24, scale=1.0, text_weights=w)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert mass.dtype == torch.float32 and torch.isfinite(mass).all()
+    torch.testing.assert_close(mass.sum(-1), w.sum(-1), rtol=1e-5, atol=1e-5)
+    ref = _materialized_mass(q.double(), k.double(), 8, 24, 1.0, w)
+    torch.testing.assert_close(mass.double(), ref, rtol=2e-3, atol=1e-5)  # fp16 logits: ~1e-4 relative
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts and modes of the public op (torch backend; the others in their own test files)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_takes_the_sequence_major_layout(dtype):
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 45, 3, 16, generator=g).to(dtype).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    w = torch.rand(2, 9, generator=g)
+    out, mass = acd_attention(q, k, v, 9, 20, text_weights=w, backend="torch")
+    out_c, mass_c = acd_attention(q.contiguous(), k.contiguous(), v.contiguous(), 9, 20, text_weights=w, backend="torch")
+    assert out.stride() == q.stride()  # out in q's layout
+    torch.testing.assert_close(out, out_c, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+    torch.testing.assert_close(mass, mass_c, rtol=1e-6, atol=1e-7)
+    ref = _materialized_mass(q.float(), k.float(), 9, 20, 0.25, w)
+    torch.testing.assert_close(mass.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["auto", "fused", "sdpa"])
+def test_every_mode_is_accepted_by_every_cpu_backend(mode):
+    q = torch.randn(1, 2, 20, 8)
+    ref = acd_attention(q, q, q, 5, 10, backend="torch", mode="fused")
+    for backend in ("torch", "auto"):
+        out, mass = acd_attention(q, q, q, 5, 10, backend=backend, mode=mode)
+        torch.testing.assert_close(out, ref[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mass, ref[1], rtol=1e-5, atol=1e-6)
