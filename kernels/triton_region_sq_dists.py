@@ -15,6 +15,11 @@ With G > BLOCK_G, dy gets one fp32 partial per candidate block, summed by torch.
 
 Accumulation is float32 for fp32/fp16/bf16 inputs and float64 for float64 inputs, in the kernels
 (S is float64 then, matching `accumulation_dtype`). No `[T, K, G, D]` tensor is built.
+
+Launch configurations: on CUDA the block sizes come from a heuristic of the shape
+(`_gpu_fwd_blocks`, `_gpu_bwd_blocks`); `gpu_fwd_configs()` / `gpu_bwd_configs()` list every block
+configuration it can produce, so tests run each of them under TRITON_INTERPRET=1 (the entry points
+take an explicit `config=`). Under the interpreter the default is one small fixed configuration.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import triton.language as tl
 
 from ._backends import triton_interpreter_enabled
 
-__all__ = ["region_sq_dists_fwd_triton", "region_sq_dists_bwd_triton"]
+__all__ = ["gpu_bwd_configs", "gpu_fwd_configs", "region_sq_dists_fwd_triton", "region_sq_dists_bwd_triton"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,38 +138,79 @@ _MAX_GRID_DIM1 = 65535
 _INTERP_FWD_BLOCK_D, _INTERP_FWD_TILES, _INTERP_BWD_BLOCK_D, _INTERP_BWD_MAX_BLOCK_G = 128, 2, 128, 8
 
 
-def _fwd_config(steps: int, group: int, anchors: int, dim: int, wide_acc: bool, interpret: bool) -> dict:
-    """Block sizes for the forward. GPU: at most 64 (k, i) pairs per block (32 for float64) so that
-    the two accumulators take ~128 32-bit registers per thread at 1 d-lane per thread; chunks sized
-    so the grid has >= ~1024 programs (memory-bound, H100 has 132 SMs)."""
+_GPU_LANES = 32 * 4  # one d-lane per thread at 4 warps
+_GPU_MAX_BLOCK_K = 8
+_GPU_MAX_BWD_BLOCK_G = 32
+
+
+def _gpu_fwd_blocks(group: int, anchors: int, dim: int, wide_acc: bool) -> dict:
+    """GPU forward blocks: at most 64 (k, i) pairs per block (32 for float64) so that the two
+    accumulators take ~128 32-bit registers per thread at 1 d-lane per thread."""
     max_pairs = 32 if wide_acc else 64
-    block_k = min(triton.next_power_of_2(anchors), 8)
+    block_k = min(triton.next_power_of_2(anchors), _GPU_MAX_BLOCK_K)
     block_g = min(triton.next_power_of_2(group), max(1, max_pairs // block_k))
+    block_d = _GPU_LANES * max(1, max_pairs // (block_k * block_g))
+    block_d = min(block_d, max(_GPU_LANES, triton.next_power_of_2(dim)))
+    return dict(BLOCK_K=block_k, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=4)
+
+
+def _gpu_fwd_tiles(steps: int, dim: int, block_d: int) -> int:
+    """Tiles per chunk, so that the grid has >= ~1024 programs (memory-bound; H100 has 132 SMs)."""
+    n_tiles = triton.cdiv(dim, block_d)
+    want_chunks = triton.cdiv(1024, steps)
+    return max(1, min(32, n_tiles // want_chunks))
+
+
+def _fwd_config(steps: int, group: int, anchors: int, dim: int, wide_acc: bool, interpret: bool) -> dict:
+    """Blocks, tiles per chunk and chunk count of the forward."""
     if interpret:
-        block_d, tiles, num_warps = _INTERP_FWD_BLOCK_D, _INTERP_FWD_TILES, 4
+        blocks = _gpu_fwd_blocks(group, anchors, dim, wide_acc)
+        blocks.update(BLOCK_D=_INTERP_FWD_BLOCK_D)
+        tiles = _INTERP_FWD_TILES
     else:
-        num_warps = 4
-        lanes = 32 * num_warps
-        block_d = lanes * max(1, max_pairs // (block_k * block_g))
-        block_d = min(block_d, max(lanes, triton.next_power_of_2(dim)))
-        n_tiles = triton.cdiv(dim, block_d)
-        want_chunks = triton.cdiv(1024, steps)
-        tiles = max(1, min(32, n_tiles // want_chunks))
-    n_chunks = triton.cdiv(dim, block_d * tiles)
-    return dict(BLOCK_K=block_k, BLOCK_G=block_g, BLOCK_D=block_d, tiles=tiles, n_chunks=n_chunks,
-                num_warps=num_warps)
+        blocks = _gpu_fwd_blocks(group, anchors, dim, wide_acc)
+        tiles = _gpu_fwd_tiles(steps, dim, blocks["BLOCK_D"])
+    return dict(blocks, tiles=tiles)
 
 
-def _bwd_config(group: int, dim: int, interpret: bool) -> dict:
-    """Block sizes for the backward: candidate blocks up to 32 rows, a [BLOCK_G, BLOCK_D] tile of
-    ~4096 elements (x, dx in registers: ~32 fp32 each per thread at 4 warps)."""
-    if interpret:
-        block_g = min(triton.next_power_of_2(group), _INTERP_BWD_MAX_BLOCK_G)
-        return dict(BLOCK_G=block_g, BLOCK_D=_INTERP_BWD_BLOCK_D, num_warps=4)
-    block_g = min(triton.next_power_of_2(group), 32)
+def _gpu_bwd_blocks(group: int, dim: int) -> dict:
+    """GPU backward blocks: candidate blocks up to 32 rows, a [BLOCK_G, BLOCK_D] tile of ~4096
+    elements (x, dx in registers: ~32 fp32 each per thread at 4 warps)."""
+    block_g = min(triton.next_power_of_2(group), _GPU_MAX_BWD_BLOCK_G)
     block_d = max(128, min(1024, 4096 // block_g))
     block_d = min(block_d, max(128, triton.next_power_of_2(dim)))
     return dict(BLOCK_G=block_g, BLOCK_D=block_d, num_warps=4)
+
+
+def _bwd_config(group: int, dim: int, interpret: bool) -> dict:
+    if interpret:
+        block_g = min(triton.next_power_of_2(group), _INTERP_BWD_MAX_BLOCK_G)
+        return dict(BLOCK_G=block_g, BLOCK_D=_INTERP_BWD_BLOCK_D, num_warps=4)
+    return _gpu_bwd_blocks(group, dim)
+
+
+def gpu_fwd_configs() -> list[dict]:
+    """Every forward block configuration the GPU heuristic can produce (any T, G, K and a D large
+    enough not to cap BLOCK_D), for float32-accumulated and float64 inputs: each a dict of
+    BLOCK_K, BLOCK_G, BLOCK_D, num_warps and `wide_acc` (True: float64 inputs)."""
+    found = []
+    for wide_acc in (False, True):
+        for anchors in (1, 2, 4, 8):
+            for group in (1, 2, 4, 8, 16, 32, 64):
+                cfg = dict(_gpu_fwd_blocks(group, anchors, 1 << 20, wide_acc), wide_acc=wide_acc)
+                if cfg not in found:
+                    found.append(cfg)
+    return found
+
+
+def gpu_bwd_configs() -> list[dict]:
+    """Every backward block configuration of the GPU heuristic (BLOCK_G, BLOCK_D, num_warps)."""
+    found = []
+    for group in (1, 2, 4, 8, 16, 32):
+        cfg = _gpu_bwd_blocks(group, 1 << 20)
+        if cfg not in found:
+            found.append(cfg)
+    return found
 
 
 def _acc(x: torch.Tensor):
@@ -193,15 +239,19 @@ def _check_steps(steps: int) -> None:
 # --------------------------------------------------------------------------------------------
 # entry points
 # --------------------------------------------------------------------------------------------
-def region_sq_dists_fwd_triton(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x [T, G, D], y [T, K, D], mask [D] -> S [T, K, G, 2] (float32; float64 for float64 inputs)."""
+def region_sq_dists_fwd_triton(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, *,
+                               config: dict | None = None) -> torch.Tensor:
+    """x [T, G, D], y [T, K, D], mask [D] -> S [T, K, G, 2] (float32; float64 for float64 inputs).
+    config: explicit BLOCK_K, BLOCK_G, BLOCK_D, tiles, num_warps (default: the heuristic)."""
     steps, group, dim = x.shape
     anchors = y.shape[1]
     _check_steps(steps)
     x, y, mask = _unit_last_stride(x), _unit_last_stride(y), mask.contiguous()
     acc_tl, acc_torch = _acc(x)
-    cfg = _fwd_config(steps, group, anchors, dim, acc_torch == torch.float64, triton_interpreter_enabled())
-    n_chunks = cfg["n_chunks"]
+    if config is None:
+        config = _fwd_config(steps, group, anchors, dim, acc_torch == torch.float64, triton_interpreter_enabled())
+    cfg = config
+    n_chunks = triton.cdiv(dim, cfg["BLOCK_D"] * cfg["tiles"])
     partial = torch.empty(steps, n_chunks, anchors, group, 2, dtype=acc_torch, device=x.device)
     with _device_ctx(x):
         _region_sq_dists_fwd_kernel[(n_chunks, steps)](
@@ -217,16 +267,17 @@ def region_sq_dists_fwd_triton(x: torch.Tensor, y: torch.Tensor, mask: torch.Ten
 
 
 def region_sq_dists_bwd_triton(
-    grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+    grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, *, config: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dS [T, K, G, 2], x [T, G, D], y [T, K, D], mask [D] -> (dx [T, G, D] in x.dtype, dy [T, K, D] in y.dtype)."""
+    """dS [T, K, G, 2], x [T, G, D], y [T, K, D], mask [D] -> (dx [T, G, D] in x.dtype, dy [T, K, D] in y.dtype).
+    config: explicit BLOCK_G, BLOCK_D, num_warps (default: the heuristic)."""
     steps, group, dim = x.shape
     anchors = y.shape[1]
     _check_steps(steps)
     x, y, mask, grad = _unit_last_stride(x), _unit_last_stride(y), mask.contiguous(), grad.contiguous()
     acc_tl, acc_torch = _acc(x)
     interpret = triton_interpreter_enabled()
-    cfg = _bwd_config(group, dim, interpret)
+    cfg = _bwd_config(group, dim, interpret) if config is None else config
     n_gblocks = triton.cdiv(group, cfg["BLOCK_G"])
     dx = torch.empty((steps, group, dim), dtype=_store_dtype(x.dtype, acc_torch, interpret), device=x.device)
     if n_gblocks == 1:
