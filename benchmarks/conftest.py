@@ -22,7 +22,7 @@ if str(HERE) not in sys.path:
 import providers  # noqa: E402
 import telemetry  # noqa: E402
 
-BASELINES = ("sdpa", "eager", "torch_ref")
+BASELINES = ("sdpa", "sdpa_cudnn", "eager", "torch_ref")
 _SKIPPED: list[dict] = []
 _START: dict = {}
 _FAILED: list[dict] = []

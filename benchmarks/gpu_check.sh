@@ -13,11 +13,13 @@
 # script goes on):
 #   env          nvidia-smi (+ -q), git commit, versions               -> nvidia-smi*.txt, versions.txt
 #   diffusers    install the carried wheel if diffusers does not import
-#   import       path shim; import rcgrpo, rcgrpo_kernels; backends     -> versions.txt
+#   import       path shim; import rcgrpo, rcgrpo_kernels; backends, `python -m rcgrpo_kernels`
+#                (auto mode, SDPA priority, fallbacks)                  -> versions.txt
 #   gpu_tests    pytest -m gpu tests/  (the CUDA-only tests)            -> gpu-tests.xml
 #   bench_*      pytest benchmarks/<suite> at GPU shapes, one JSON each -> bench-*.json
 #   report       benchmarks/report.py over the JSONs                    -> gpu-report.md/.png
-#   triton_tests the Triton test files on CUDA (all their small shapes) -> triton-tests.xml
+#   triton_tests the Triton test files on CUDA (all their small shapes), then every GPU autotune /
+#                block config compiled and checked (tests/test_kernel_configs.py) -> triton-tests.xml
 #   dryrun       rcgrpo dryrun at 512 px (short rollout) if it exists   -> dryrun.json
 # Writes summary.md and stages.tsv. Exit status: 0 if at least one test/benchmark/dry-run stage
 # ran (even with failures: read summary.md), 3 if nothing ran (e.g. no CUDA device).
@@ -195,6 +197,7 @@ if ! "$PY" -c "$IMPORT_CHECK" > "$OUT/logs/import.log" 2>&1; then
         --disable-pip-version-check -e .
     "$PY" -c "$IMPORT_CHECK" >> "$OUT/logs/import.log" 2>&1
 fi
+"$PY" -m rcgrpo_kernels >> "$OUT/logs/import.log" 2>&1 || echo "python -m rcgrpo_kernels failed" >> "$OUT/logs/import.log"
 cat "$OUT/logs/import.log" >> "$OUT/versions.txt"
 if grep -q '^backends' "$OUT/logs/import.log"; then
     record import ok 0 0 "$OUT/logs/import.log"
@@ -277,7 +280,7 @@ fi
 
 # ---------------------------------------------------------------- Triton tests on CUDA (whatever time is left)
 run_stage triton_tests 120 yes "${PYTEST[@]}" tests/test_acd_attention_triton.py tests/test_region_sq_dists_triton.py \
-    -m "not gpu" --junitxml="$OUT/triton-tests.xml"
+    tests/test_kernel_configs.py -m "not gpu" --junitxml="$OUT/triton-tests.xml"
 
 nvidia-smi > "$OUT/nvidia-smi-end.txt" 2>&1 || true
 write_summary

@@ -127,8 +127,10 @@ DIST_SHAPES = {
     ],
 }
 
-ATTN_PROVIDERS = ["sdpa", "eager", "triton_fused", "triton_sdpa_mass", "cpp", "torch_ref"]
-DIST_PROVIDERS = ["eager", "triton", "cpp", "torch_ref"]
+ATTN_PROVIDERS = ["sdpa", "sdpa_cudnn", "eager", "triton_fused", "triton_sdpa_mass", "auto", "cpp", "torch_ref"]
+# Providers that run torch SDPA (alone or inside the op): their extra_info records the SDPA backend.
+SDPA_PROVIDERS = ("sdpa", "sdpa_cudnn", "triton_sdpa_mass", "auto")
+DIST_PROVIDERS = ["copy", "eager", "triton", "cpp", "torch_ref"]
 DIST_MODES = ["fwd", "fwd+bwd"]
 
 
@@ -181,6 +183,19 @@ def attention_skip_reason(provider: str, shape: AttnShape, device: torch.device)
     if provider in ("triton_fused", "triton_sdpa_mass"):
         reason = backend_skip_reason("triton", device)
         return None if reason is None else f"triton: {reason}"
+    if provider == "sdpa_cudnn":
+        if device.type != "cuda":
+            return "cuDNN attention runs on CUDA tensors only"
+        runnable = sdpa_backends_runnable(make_attention_inputs(shape, device))
+        if not runnable.get("CUDNN_ATTENTION"):
+            return f"SDPA cannot use cuDNN for these inputs on this machine ({runnable})"
+        return None
+    if provider == "auto":
+        if device.type != "cuda":
+            return ("on CPU tensors backend='auto' resolves to the C++ backend: the same computation as "
+                    "the `cpp` provider (mode='auto' only matters on the Triton backend)")
+        reason = backend_skip_reason("triton", device)
+        return None if reason is None else f"triton: {reason}"
     if provider == "cpp":
         reason = backend_skip_reason("cpp", device)
         return None if reason is None else f"cpp: {reason}"
@@ -194,6 +209,8 @@ def attention_skip_reason(provider: str, shape: AttnShape, device: torch.device)
 
 
 def dists_skip_reason(provider: str, shape: DistShape, mode: str, device: torch.device) -> str | None:
+    if provider == "copy" and device.type != "cuda":
+        return "the copy-bandwidth reference is measured on CUDA only (the GPU target is a fraction of it)"
     if provider in ("triton", "cpp"):
         reason = backend_skip_reason(provider, device)
         return None if reason is None else f"{provider}: {reason}"
@@ -226,6 +243,93 @@ def eager_attention(q, k, v, text_len, image_len):
     return acd_attention_eager(q, k, v, text_len, image_len)
 
 
+def _sdpa_only(name: str):
+    """Context: torch SDPA restricted to the one backend `name` (an SDPBackend member name)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name)])
+
+
+_RUNNABLE_CACHE: dict[tuple, dict] = {}
+
+
+def sdpa_backends_runnable(inputs: dict) -> dict[str, bool | str]:
+    """{SDPA backend: True if SDPA runs on these inputs with only that backend allowed, else the
+    error}: which backends are usable at all, independently of torch's choice among them. Cached
+    per (shape, strides, dtype, device)."""
+    from rcgrpo_kernels._sdpa import SDPA_PRIORITY
+
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    key = (tuple(q.shape), q.stride(), q.dtype, str(q.device))
+    if key in _RUNNABLE_CACHE:
+        return dict(_RUNNABLE_CACHE[key])
+    found: dict[str, bool | str] = {}
+    for name in SDPA_PRIORITY:
+        try:
+            with torch.no_grad(), _sdpa_only(name):
+                F.scaled_dot_product_attention(q, k, v)
+            found[name] = True
+        except Exception as exc:  # noqa: BLE001 - "no available kernel" and friends
+            found[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    if q.device.type == "cuda":
+        torch.cuda.synchronize(q.device)
+    _RUNNABLE_CACHE[key] = dict(found)
+    return found
+
+
+def _sdpa_context(provider: str):
+    """The SDPA context a provider runs SDPA under."""
+    import contextlib
+
+    from rcgrpo_kernels._sdpa import sdpa_priority
+
+    if provider == "sdpa_cudnn":
+        return _sdpa_only("CUDNN_ATTENTION")
+    if provider in ("triton_sdpa_mass", "auto"):
+        return sdpa_priority()
+    return contextlib.nullcontext()  # plain `sdpa`: torch's default choice
+
+
+def sdpa_backend_info(provider: str, inputs: dict, fn=None) -> dict:
+    """Which SDPA backend `provider` actually runs, three ways (extra_info):
+    - `sdpa_backend`: torch's own choice under the provider's SDPA context (`torch._fused_sdp_choice`);
+    - `sdpa_backends_runnable`: each backend tried alone on these inputs (True or the error);
+    - `sdpa_cuda_kernels` (CUDA): names of the CUDA kernels one profiled call of `fn` launched,
+      longest first (cuDNN kernels name "cudnn", FlashAttention "flash", memory-efficient "fmha"/"mem_eff").
+    For `auto`, also `auto_mode` (what mode="auto" ran); SDPA is used only when it is "sdpa"."""
+    from rcgrpo_kernels._sdpa import sdpa_backend_name
+
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    info: dict = {}
+    if provider == "auto":
+        from rcgrpo_kernels.acd_attention import resolve_mode
+
+        info["auto_mode"] = resolve_mode("auto")
+        if info["auto_mode"] != "sdpa":
+            return info
+    with _sdpa_context(provider):
+        info["sdpa_backend"] = sdpa_backend_name(q, k, v)
+    info["sdpa_backends_runnable"] = sdpa_backends_runnable(inputs)
+    if fn is not None and q.device.type == "cuda":
+        info["sdpa_cuda_kernels"] = cuda_kernel_names(fn)
+    return info
+
+
+def cuda_kernel_names(fn, top: int = 6) -> list[str] | str:
+    """Names of the CUDA kernels one call of `fn` launches (torch.profiler), longest first."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) > 0]
+        events.sort(key=lambda e: -getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)))
+        return [e.key[:120] for e in events[:top]]
+    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        return f"profiler failed: {type(exc).__name__}: {exc}"
+
+
 def attention_callable(provider: str, inputs: dict):
     """A zero-argument callable running `provider` once on `inputs` (forward only, no grad)."""
     import rcgrpo_kernels
@@ -240,6 +344,13 @@ def attention_callable(provider: str, inputs: dict):
 
     if provider == "sdpa":
         return run(lambda: F.scaled_dot_product_attention(q, k, v))
+    if provider == "sdpa_cudnn":
+        def cudnn():
+            with _sdpa_only("CUDNN_ATTENTION"):
+                return F.scaled_dot_product_attention(q, k, v)
+        return run(cudnn)
+    if provider == "auto":
+        return run(lambda: rcgrpo_kernels.acd_attention(q, k, v, t, i))
     if provider == "eager":
         return run(lambda: eager_attention(q, k, v, t, i))
     if provider == "triton_fused":
@@ -283,6 +394,16 @@ def dists_callable(provider: str, mode: str, inputs: dict):
     import rcgrpo_kernels
 
     x, y, mask, grad = inputs["x"], inputs["y"], inputs["mask"], inputs["grad"]
+    if provider == "copy":
+        # A device copy of as many bytes as the op must read (fwd) or read + write (fwd+bwd, see
+        # region_sq_dists_bytes): the bandwidth the op's GB/s is compared with.
+        from rcgrpo_kernels import region_sq_dists_bytes
+
+        steps, group, dim = x.shape
+        nbytes = region_sq_dists_bytes(steps, group, y.shape[1], dim, x.element_size(), backward=(mode == "fwd+bwd"))
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=x.device)
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
     if provider == "eager":
         op = eager_dists
     elif provider in ("triton", "cpp"):

@@ -107,6 +107,12 @@ def group_table(benches: list[dict], baseline: dict | None) -> list[str]:
         header.append("TFLOP/s")
     if has_gbps:
         header.append("GB/s")
+    has_copy = any("fraction_of_copy_bw" in b.get("extra_info", {}) for b in benches)
+    if has_copy:
+        header.append("% of copy BW")
+    has_sdpa = any("sdpa_backend" in b.get("extra_info", {}) or "auto_mode" in b.get("extra_info", {}) for b in benches)
+    if has_sdpa:
+        header.append("SDPA backend")
     header.append("peak mem (MB)")
     rows = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for b in sorted(benches, key=lambda b: b["stats"]["median"]):
@@ -124,12 +130,56 @@ def group_table(benches: list[dict], baseline: dict | None) -> list[str]:
             cells.append(_val(e.get("tflops")))
         if has_gbps:
             cells.append(_val(e.get("gbps")))
+        if has_copy:
+            cells.append(_pct(e.get("fraction_of_copy_bw")))
+        if has_sdpa:
+            cells.append(sdpa_cell(e))
         mem = _num(e.get("peak_mem_mb"), ".1f")
         if e.get("peak_mem_error"):
             mem = "n/a"
         cells.append(mem)
         rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def sdpa_cell(e: dict) -> str:
+    """Which SDPA backend ran: torch's choice, and the CUDA kernel names where profiled."""
+    if "auto_mode" in e and "sdpa_backend" not in e:
+        return f"mode {e['auto_mode']} (no SDPA)"
+    parts = [str(e.get("sdpa_backend") or "–")]
+    if "auto_mode" in e:
+        parts.insert(0, f"mode {e['auto_mode']}:")
+    kernels = e.get("sdpa_cuda_kernels")
+    if isinstance(kernels, list) and kernels:
+        parts.append("(" + kernels[0][:48] + ")")
+    return " ".join(parts)
+
+
+ACD_PROVIDERS = ("triton_fused", "triton_sdpa_mass", "auto")
+SDPA_FLOORS = ("sdpa", "sdpa_cudnn")
+
+
+def target_lines(benches: list[dict]) -> list[str]:
+    """The GPU targets of issue 20, from this group's medians: ACD attention <= 1.05x the fastest SDPA
+    without ACD; region distances fwd+bwd >= 70% of the copy bandwidth."""
+    by = {provider_of(b): b for b in benches}
+    lines = []
+    floors = [by[p] for p in SDPA_FLOORS if p in by]
+    if floors and any(p in by for p in ACD_PROVIDERS):
+        fastest = min(floors, key=lambda b: b["stats"]["median"])
+        cells = []
+        for p in ACD_PROVIDERS:
+            if p in by:
+                ratio = by[p]["stats"]["median"] / fastest["stats"]["median"]
+                cells.append(f"`{p}` {ratio:.2f}× {'(meets)' if ratio <= 1.05 else '(misses)'}")
+        lines += ["", f"Target ACD attention ≤ 1.05× the fastest SDPA without ACD (`{provider_of(fastest)}` here): "
+                  + ", ".join(cells)]
+    if "copy" in by and any(b.get("extra_info", {}).get("mode") == "fwd+bwd" for b in benches):
+        cells = [f"`{provider_of(b)}` {_pct(b['extra_info'].get('fraction_of_copy_bw'))}"
+                 for b in benches if "fraction_of_copy_bw" in b.get("extra_info", {})]
+        if cells:
+            lines += ["", "Target region distances fwd+bwd ≥ 70% of the copy bandwidth: " + ", ".join(cells)]
+    return lines
 
 
 def shares_table(benches: list[dict]) -> list[str]:
@@ -233,6 +283,7 @@ def render_markdown(data: dict, baseline: str, png_name: str | None) -> str:
     for group, benches in groups.items():
         lines += ["", f"## {group}", ""]
         lines += group_table(benches, pick_baseline(benches, baseline))
+        lines += target_lines(benches)
         lines += shares_table(benches)
     telemetry = telemetry_table(data["benchmarks"])
     if telemetry:

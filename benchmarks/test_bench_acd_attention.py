@@ -1,14 +1,18 @@
 """acd_attention providers, one benchmark group per shape (forward only, as the op is used).
 
 Providers:
-    sdpa              F.scaled_dot_product_attention, no ACD mass: the floor
-    eager             materialized softmax weights → @v, mass read from the weights (attention-map tools)
+    sdpa              F.scaled_dot_product_attention (torch's default backend choice), no ACD mass: the floor
+    sdpa_cudnn        the same forced to cuDNN (sdpa_kernel([CUDNN_ATTENTION])), no ACD mass (CUDA only)
+    eager             materialized softmax weights → @v, mass read from the logits (attention-map tools)
     triton_fused      rcgrpo_kernels.acd_attention(backend="triton", mode="fused")
-    triton_sdpa_mass  rcgrpo_kernels.acd_attention(backend="triton", mode="sdpa")
+    triton_sdpa_mass  rcgrpo_kernels.acd_attention(backend="triton", mode="sdpa") (SDPA cuDNN-first + mass kernels)
+    auto              rcgrpo_kernels.acd_attention(q, k, v, ...) with the defaults (backend and mode "auto"),
+                      what the ACD processor runs by default (CUDA; on CPU it would repeat `cpp`)
     cpp               rcgrpo_kernels.acd_attention(backend="cpp")   (CPU tensors)
     torch_ref         rcgrpo_kernels.acd_attention(backend="torch") (blocked fp32 reference)
-extra_info: TFLOP/s (attention_flops / median), peak_mem_mb, speed-up vs sdpa/eager of the same run,
-NVML telemetry on CUDA.
+extra_info: TFLOP/s (attention_flops / median), peak_mem_mb, speed-up vs sdpa/sdpa_cudnn/eager of the
+same run, NVML telemetry on CUDA; for the providers that run SDPA, which SDPA backend ran
+(`sdpa_backend`, `sdpa_backends_runnable`, on CUDA `sdpa_cuda_kernels`; see providers.sdpa_backend_info).
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ def test_acd_attention(benchmark, bench_session, bench_device, shape: AttnShape,
     if median:
         extra["tflops"] = flops / median / 1e12
     extra["telemetry"] = nvml.summary()
+    if provider in providers.SDPA_PROVIDERS:
+        extra.update(providers.sdpa_backend_info(provider, inputs, fn))
     bench_session.finish(benchmark, provider, median, extra)
 
 
@@ -65,7 +71,7 @@ def test_providers_agree_at_a_small_shape(bench_device):
         if provider == "torch_ref" or providers.attention_skip_reason(provider, shape, bench_device):
             continue
         result = providers.attention_callable(provider, inputs)()
-        out, mass = (result, None) if provider == "sdpa" else result
+        out, mass = (result, None) if provider in ("sdpa", "sdpa_cudnn") else result
         torch.testing.assert_close(out.float(), ref_out.float(), **tol, msg=f"{provider}: out")
         if mass is not None:
             torch.testing.assert_close(mass, ref_mass, **tol, msg=f"{provider}: mass")
