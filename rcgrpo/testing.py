@@ -3,14 +3,34 @@
 Every component is built from a config in code (no files, no hub): a 2+2-block Flux transformer,
 a two-level AutoencoderKL, tiny CLIP and T5 text encoders with in-code vocabularies. All modules
 are put in eval mode (constructors leave them in train mode, and T5 dropout would make runs differ).
+
+`tiny_editor()` loads the pretrained tiny MiniBench editor shipped in the package
+(`TINY_EDITOR_PATH`, trained by `rcgrpo.minibench.pretrain`): it edits 64×64 images
+(`TINY_EDITOR_RESOLUTION`) with prompts of up to `TINY_EDITOR_TEXT_LEN` T5 tokens.
 """
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import torch
 
 TINY_TEXT_LEN = 16  # T5 tokens used by the tiny pipeline (max_sequence_length)
+TINY_EDITOR_PATH = Path(__file__).resolve().parent / "minibench" / "weights" / "tiny-editor"
+TINY_EDITOR_RESOLUTION = 64  # the tiny editor's image side in pixels
+TINY_EDITOR_TEXT_LEN = 32  # max_sequence_length for the tiny editor (it was trained on 16..64)
+TINY_EDITOR_STEPS = 8  # Euler steps the tiny editor is evaluated with
+
+
+def __getattr__(name):
+    # TINY_EDITOR_DEFAULTS: the rcgrpo.flux.pipeline.ModelDefaults of the tiny editor (imported lazily, so
+    # that importing rcgrpo.testing stays light and free of import cycles)
+    if name == "TINY_EDITOR_DEFAULTS":
+        from .flux.defaults import ModelDefaults
+
+        return ModelDefaults(resolution=TINY_EDITOR_RESOLUTION, num_inference_steps=TINY_EDITOR_STEPS,
+                             max_sequence_length=TINY_EDITOR_TEXT_LEN, guidance_scale=2.5)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _byte_level_alphabet() -> list[str]:
@@ -137,3 +157,16 @@ def tiny_kontext_pipeline(seed: int = 0, *, dtype: torch.dtype = torch.float32, 
     if dtype != torch.float32 or torch.device(device).type != "cpu":
         pipe = pipe.to(device=device, dtype=dtype)
     return pipe
+
+
+def tiny_editor(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *, path=None):
+    """The pretrained tiny MiniBench editor: a stock `FluxKontextPipeline.from_pretrained(TINY_EDITOR_PATH)`
+    (offline) in `dtype` on `device`, every module in eval mode, progress bar off.
+
+    A 64×64 px Kontext model (VAE factor 4, 8×8 = 64 tokens of 32 channels, 2 double + 4 single blocks,
+    hidden 64); use `height=width=TINY_EDITOR_RESOLUTION`, `max_sequence_length=TINY_EDITOR_TEXT_LEN`,
+    `max_area=64*64, _auto_resize=False`. `path` loads another directory of the same format.
+    """
+    from .minibench.editor import load_editor
+
+    return load_editor(TINY_EDITOR_PATH if path is None else path, device=device, dtype=dtype)

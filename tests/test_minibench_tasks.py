@@ -92,25 +92,27 @@ def test_same_scene_at_two_sizes():
     assert float((down - a.image).abs().mean()) < 0.03
 
 
-def test_trainer_reads_items():
-    from rcgrpo.testing import tiny_kontext_pipeline  # noqa: F401  (rcgrpo importable)
-    import rcgrpo
+def _as_edit_example():
+    """The trainer's item reader (its module moved in the package restructure)."""
+    import importlib
 
-    trainer_mod = None
-    for name in ("rcgrpo.train.trainer", "rcgrpo.trainer"):
+    for name in ("rcgrpo.train.data", "rcgrpo.train.trainer", "rcgrpo.trainer"):
         try:
-            import importlib
-
-            trainer_mod = importlib.import_module(name)
-            break
+            fn = getattr(importlib.import_module(name), "as_edit_example", None)
         except ImportError:
             continue
-    assert trainer_mod is not None and rcgrpo is not None
+        if fn is not None:
+            return fn
+    raise AssertionError("rcgrpo has no as_edit_example")
+
+
+def test_trainer_reads_items():
+    as_edit_example = _as_edit_example()
     ex = T.MiniBenchDataset(2, split="train", seed=0)[1]
-    image, mask, instruction, example_id, metadata = trainer_mod.as_edit_example(ex, 1)
+    image, mask, instruction, example_id, metadata = as_edit_example(ex, 1)
     assert image.shape == ex.image.shape and mask.shape == ex.mask.shape and instruction == ex.instruction
     assert example_id == ex.example_id and metadata["minibench"]["task"] == ex.task
-    image, mask, instruction, example_id, metadata = trainer_mod.as_edit_example(ex.to_dict(), 1)
+    image, mask, instruction, example_id, metadata = as_edit_example(ex.to_dict(), 1)
     assert example_id == ex.example_id
 
 
