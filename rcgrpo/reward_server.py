@@ -1,7 +1,7 @@
-"""`python -m rcgrpo.reward_server` (the path SPEC.md names): the reward server of `rcgrpo.rewards.server`."""
+"""`python -m rcgrpo.reward_server` (the path SPEC.md names): the reward server of `rcgrpo.rewards.server_cli`."""
 import sys
 
-from .rewards.server import main
+from .rewards.server_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,60 +1,98 @@
-"""The EditScore reward over HTTP: a client of the reward server (`rcgrpo.rewards.server`)."""
+"""The EditScore reward over HTTP: a client of the reward server (`python -m rcgrpo.reward_server`)."""
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import math
+import os
 import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from http import HTTPStatus
 
 import torch
 
 from .checks import check_reward_inputs
 from .codec import encode_png_base64
+from .protocol import TOKEN_ENV
 
 
 class RewardServerError(RuntimeError):
-    """The reward server could not be reached, failed, or returned invalid scores."""
+    """The reward server could not be reached, refused or failed a request, or returned invalid scores.
+
+    `url` is redacted (no credentials); `status` is the HTTP status when there was an answer, and
+    `request_id` the server's id for it (its log has the details of a 500 under that id).
+    """
+
+    def __init__(self, message: str, *, url: str, status: int | None = None, request_id: str | None = None):
+        super().__init__(message)
+        self.url = url
+        self.status = status
+        self.request_id = request_id
 
 
 class EditScoreClient:
-    """Reward from an EditScore server (`python -m rcgrpo.reward_server`): JSON over HTTP, never pickle.
+    """Reward from a reward server (`python -m rcgrpo.reward_server`): JSON over HTTP, never pickle.
 
     Each batch of `batch_size` examples is one `POST {url}/score` with body
     `{"edited": [base64 PNG], "sources": [base64 PNG], "instructions": [str]}`; the answer is
-    `{"scores": [float, ...]}`, one finite float per example. Connection errors, timeouts and 5xx answers
-    are retried `retries` times with exponential backoff (`backoff · 2^attempt` seconds); 4xx answers
-    (e.g. 413, request too large) fail at once. Every error is a `RewardServerError` naming the URL.
+    `{"scores": [float, ...]}`, one finite float per example.
+
+    Credentials: `token` is sent as `Authorization: Bearer <token>`; without it, a user and password in
+    the URL (`http://user:secret@host:port`) are sent as HTTP Basic auth (the server accepts its token as
+    the password), else the token in `$RCGRPO_REWARD_TOKEN`, if set. URLs in messages are redacted.
+
+    Failures: `timeout` bounds connecting and each wait for data (seconds). A 503 answer (server busy)
+    and connection errors (refused, reset) are retried `retries` times with exponential backoff
+    (`backoff · 2^attempt` s, at least the server's Retry-After, at most `max_backoff`); nothing else is
+    retried: a timeout may mean the scorer is still working, and a 4xx or 500 would fail again. Every
+    error is a `RewardServerError` naming the URL, the HTTP status and the server's message.
     """
 
     name = "editscore"
 
-    def __init__(self, url: str, *, batch_size: int = 8, timeout: float = 30.0, retries: int = 3,
-                 backoff: float = 0.5, send_sources: bool = True):
-        parsed = urllib.parse.urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"EditScoreClient: url must be http(s)://host:port, got {url!r}")
-        if batch_size < 1 or timeout <= 0 or retries < 0 or backoff < 0:
-            raise ValueError("EditScoreClient: batch_size ≥ 1, timeout > 0, retries ≥ 0 and backoff ≥ 0 are required")
-        self.url = url.rstrip("/")
-        self.display_url = redact_url(self.url)  # what errors and logs show: no user:password
-        self.score_url = self.url if parsed.path.rstrip("/").endswith("/score") else self.url + "/score"
+    def __init__(self, url: str, *, token: str | None = None, batch_size: int = 8, timeout: float = 300.0,
+                 retries: int = 3, backoff: float = 0.5, max_backoff: float = 30.0, send_sources: bool = True):
+        self.display_url = redact_url(str(url).rstrip("/"))  # what errors and logs show
+        parsed = urllib.parse.urlparse(str(url))
+        try:
+            parsed.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            parsed = parsed._replace(scheme="")
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"EditScoreClient: url must be http(s)://host:port, got {self.display_url!r}")
+        if batch_size < 1 or not timeout > 0 or retries < 0 or backoff < 0 or max_backoff < 0:
+            raise ValueError("EditScoreClient: batch_size ≥ 1, timeout > 0, retries ≥ 0, backoff ≥ 0 and "
+                             "max_backoff ≥ 0 are required")
+        if token is not None and (parsed.username or parsed.password):
+            raise ValueError(f"EditScoreClient: give the credentials in the URL or as token=, not both "
+                             f"({self.display_url})")
+        netloc = parsed.hostname if ":" not in parsed.hostname else f"[{parsed.hostname}]"
+        if parsed.port is not None:
+            netloc += f":{parsed.port}"
+        path = parsed.path.rstrip("/")
+        if path.endswith("/score"):
+            path = path[: -len("/score")]
+        self.base_url = urllib.parse.urlunparse((parsed.scheme, netloc, path, "", "", ""))
+        self.score_url = self.base_url + "/score"
+        self._auth = _authorization(token, parsed)
         self.batch_size = int(batch_size)
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
         self.send_sources = send_sources
 
     def health(self) -> dict:
-        """GET /health of the server (RewardServerError when it does not answer)."""
-        base = self.score_url[: -len("/score")]
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=self.timeout) as resp:
-                return json.loads(resp.read().decode("utf-8"))
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise RewardServerError(f"reward server at {self.display_url} did not answer /health: {exc}") from None
+        """GET /health (RewardServerError when the server does not answer it)."""
+        return self._get("/health")
+
+    def metrics(self) -> dict:
+        """GET /metrics: request counts by status, latency quantiles, queue depth."""
+        return self._get("/metrics")
 
     def __call__(self, edited, sources, masks, instructions, metadata=None) -> torch.Tensor:
         batch = check_reward_inputs(edited, sources if self.send_sources else None, masks, instructions, metadata,
@@ -70,66 +108,90 @@ class EditScoreClient:
             }
             if self.send_sources:
                 payload["sources"] = [encode_png_base64(sources[i]) for i in range(start, stop)]
-            scores.extend(self._post(payload, stop - start, start))
+            data = self._send("POST", "/score", json.dumps(payload).encode("utf-8"))
+            scores.extend(self._scores(data, stop - start, start))
         return torch.tensor(scores, dtype=torch.float32)
 
-    def _post(self, payload: dict, count: int, offset: int) -> list[float]:
-        body = json.dumps(payload).encode("utf-8")
-        last_error = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * (2 ** (attempt - 1)))
-            req = urllib.request.Request(self.score_url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json", "Accept": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as exc:
-                detail = _error_detail(exc)
-                if exc.code >= 500:
-                    last_error = f"HTTP {exc.code}: {detail}"
-                    continue
-                if exc.code == 413:
-                    raise RewardServerError(
-                        f"reward server at {self.display_url} rejected a request of {len(body)} bytes as too large "
-                        f"(HTTP 413: {detail}); lower batch_size or raise the server's --max-request-mb"
-                    ) from None
-                raise RewardServerError(f"reward server at {self.display_url} rejected the request (HTTP {exc.code}: {detail})") from None
-            except (TimeoutError, socket.timeout):
-                last_error = f"no answer within the {self.timeout:g} s timeout"
-                continue
-            except urllib.error.URLError as exc:
-                reason = exc.reason
-                if isinstance(reason, (TimeoutError, socket.timeout)):
-                    last_error = f"no answer within the {self.timeout:g} s timeout"
-                else:
-                    last_error = f"cannot connect ({reason}); is the server running?"
-                continue
-            except (ConnectionError, OSError) as exc:  # reset / broken pipe mid-request
-                last_error = f"connection failed ({exc})"
-                continue
-            return self._parse(raw, count, offset)
-        raise RewardServerError(
-            f"reward server at {self.display_url} failed after {self.retries + 1} attempt(s): {last_error}"
-        )
+    # --- HTTP ---------------------------------------------------------------------------------------
 
-    def _parse(self, raw: bytes, count: int, offset: int) -> list[float]:
+    def _get(self, path: str) -> dict:
+        data = self._send("GET", path, None)
+        if not isinstance(data, dict):
+            raise RewardServerError(f"reward server at {self.display_url} answered {path} with {str(data)[:200]}",
+                                    url=self.display_url)
+        return data
+
+    def _send(self, method: str, path: str, body: bytes | None):
+        """The JSON answer of one request, with the retry policy of the class docstring."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if self._auth:
+            headers["Authorization"] = self._auth
+        where = f"reward server at {self.display_url}"
+        last = ""
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as exc:
+                message, request_id = _error_detail(exc)
+                status = f"HTTP {exc.code} ({_phrase(exc.code)}): {message}" + (
+                    f" [request id {request_id}]" if request_id else "")
+                if exc.code == 503 and attempt < self.retries:
+                    last = status
+                    self._sleep(attempt, exc.headers.get("Retry-After"))
+                    continue
+                if exc.code == 503:
+                    raise RewardServerError(f"{where} was busy for {attempt + 1} attempt(s): {status}",
+                                            url=self.display_url, status=exc.code, request_id=request_id) from None
+                raise RewardServerError(f"{where} answered {method} {path} with {status}{_hint(exc.code)}",
+                                        url=self.display_url, status=exc.code, request_id=request_id) from None
+            except (TimeoutError, socket.timeout):
+                raise RewardServerError(self._timeout_message(method, path), url=self.display_url) from None
+            except urllib.error.URLError as exc:
+                if isinstance(exc.reason, (TimeoutError, socket.timeout)):
+                    raise RewardServerError(self._timeout_message(method, path), url=self.display_url) from None
+                last = _connection_message(exc.reason)
+            except (ConnectionError, http.client.HTTPException, OSError) as exc:  # reset mid-answer
+                last = _connection_message(exc)
+            else:
+                try:
+                    return json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError) as exc:
+                    raise RewardServerError(f"{where} answered {path} with invalid JSON ({exc})",
+                                            url=self.display_url) from None
+            if attempt < self.retries:
+                self._sleep(attempt, None)
+        raise RewardServerError(f"{where} failed {method} {path} after {self.retries + 1} attempt(s): {last}",
+                                url=self.display_url)
+
+    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+        delay = self.backoff * (2 ** attempt)
         try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise RewardServerError(f"reward server at {self.display_url} answered with invalid JSON ({exc})") from None
+            if retry_after is not None:
+                delay = max(delay, float(retry_after))
+        except ValueError:
+            pass
+        time.sleep(min(delay, self.max_backoff))
+
+    def _timeout_message(self, method: str, path: str) -> str:
+        return (f"reward server at {self.display_url} did not answer {method} {path} within the {self.timeout:g} s "
+                "timeout (not retried: the scorer may still be working; raise timeout= or send smaller batches)")
+
+    def _scores(self, data, count: int, offset: int) -> list[float]:
         scores = data.get("scores") if isinstance(data, dict) else None
+        where = f"reward server at {self.display_url}"
         if not isinstance(scores, list):
-            raise RewardServerError(f"reward server at {self.display_url} answered without a 'scores' list: {str(data)[:200]}")
+            raise RewardServerError(f"{where} answered without a 'scores' list: {str(data)[:200]}", url=self.display_url)
         if len(scores) != count:
-            raise RewardServerError(f"reward server at {self.display_url} returned {len(scores)} scores for {count} images")
+            raise RewardServerError(f"{where} returned {len(scores)} scores for {count} images", url=self.display_url)
         out = []
         for i, s in enumerate(scores):
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(float(s)):
-                raise RewardServerError(
-                    f"reward server at {self.display_url} returned a non-finite or non-numeric score {s!r} for example "
-                    f"{offset + i}; scores must be finite floats"
-                )
+                raise RewardServerError(f"{where} returned a non-finite or non-numeric score {s!r} for example "
+                                        f"{offset + i}; scores must be finite floats", url=self.display_url)
             out.append(float(s))
         return out
 
@@ -137,26 +199,61 @@ class EditScoreClient:
 def redact_url(url: str) -> str:
     """`url` without the user:password part, for messages and saved configs."""
     parsed = urllib.parse.urlparse(url)
-    if not (parsed.username or parsed.password):
+    if "@" not in parsed.netloc:
         return url
-    host = parsed.hostname or ""
-    if parsed.port:
-        host = f"{host}:{parsed.port}"
-    return urllib.parse.urlunparse(parsed._replace(netloc=f"***@{host}"))
+    return urllib.parse.urlunparse(parsed._replace(netloc="***@" + parsed.netloc.rpartition("@")[2]))
 
 
-def _error_detail(exc: urllib.error.HTTPError) -> str:
+def _authorization(token: str | None, parsed: urllib.parse.ParseResult) -> str:
+    if token is not None:
+        if not token:
+            raise ValueError("EditScoreClient: token= must not be empty (pass None for no token)")
+        return f"Bearer {token}"
+    if parsed.username or parsed.password:
+        user = urllib.parse.unquote(parsed.username or "")
+        password = urllib.parse.unquote(parsed.password or "")
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
+    env = os.environ.get(TOKEN_ENV)
+    return f"Bearer {env}" if env else ""
+
+
+def _phrase(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "unknown status"
+
+
+def _hint(code: int) -> str:
+    if code == 401:
+        return (f"; give the server's token: EditScoreClient(token=...), ${TOKEN_ENV}, or the password in the URL")
+    if code == 413:
+        return "; send smaller batches (batch_size) or raise the server's limits"
+    if code == 500:
+        return "; the server's log has the details under that request id"
+    return ""
+
+
+def _connection_message(reason) -> str:
+    if isinstance(reason, ConnectionRefusedError):
+        return f"cannot connect ({reason}); is the server running?"
+    return f"connection failed ({type(reason).__name__}: {reason})"
+
+
+def _error_detail(exc: urllib.error.HTTPError) -> tuple[str, str | None]:
+    """(message, request id) of an error answer."""
+    request_id = exc.headers.get("X-Request-Id") if exc.headers else None
     try:
         text = exc.read().decode("utf-8", "replace")
-    except Exception:  # noqa: BLE001
-        return exc.reason if isinstance(exc.reason, str) else str(exc)
+    except Exception:  # noqa: BLE001 - the connection may be gone; the status is still known
+        return (exc.reason if isinstance(exc.reason, str) else str(exc)), request_id
     try:
         data = json.loads(text)
         if isinstance(data, dict) and "error" in data:
-            return str(data["error"])[:500]
+            return str(data["error"])[:500], str(data.get("request_id") or request_id or "") or None
     except ValueError:
         pass
-    return text.strip()[:500] or str(exc.reason)
+    return text.strip()[:500] or str(exc.reason), request_id
 
 
-__all__ = ["EditScoreClient", "RewardServerError", "redact_url"]
+__all__ = ["TOKEN_ENV", "EditScoreClient", "RewardServerError", "redact_url"]

@@ -1,333 +1,417 @@
-"""A small HTTP reward server: JSON in, JSON out, standard library only (never pickle).
+"""The reward server: scores edited images over HTTP (JSON in, JSON out, never pickle).
 
-Run it on the machine that holds the reward model (e.g. a GPU box with the `editscore` package):
+Run it on the machine that holds the reward model (see `rcgrpo.rewards.server_cli` for the flags and
+for which EditScore field becomes the reward), and point the trainer at it:
 
-    python -m rcgrpo.reward_server --port 8765 --scorer editscore --editscore-model /models/qwen25vl \\
-        --editscore-lora /models/EditScore-7B
-    python -m rcgrpo.reward_server --port 8765 --scorer my_package.my_module:score
+    python -m rcgrpo.reward_server --scorer editscore --editscore-backbone qwen25vl \\
+        --editscore-model Qwen/Qwen2.5-VL-7B-Instruct --editscore-lora EditScore/EditScore-7B
+    rcgrpo train --reward-funcs editscore --editscore-url http://127.0.0.1:8765 ...
 
-and point the trainer at it with `EditScoreClient("http://127.0.0.1:8765")` (reward name `editscore`).
+Endpoints (one request per connection: every answer carries `Connection: close` and `X-Request-Id`):
+- `POST /score`: the format of `rcgrpo.rewards.protocol`; answers 200 `{"scores": [...], "request_id"}`.
+- `GET /health`: `{"status": "ok", "scorer", "auth", "limits", "queue"}` (no token needed).
+- `GET /metrics`: request counts by status and path, latency quantiles (p50/p90/p99/max) of the last
+  4096 requests per path, queue depth (needs the token when one is set).
+Errors answer `{"error": "...", "request_id": "..."}`: 400 (bad JSON, nesting deeper than the limit,
+bad fields or PNGs), 401 (token missing or wrong; `WWW-Authenticate: Bearer`), 404, 405, 408 (the
+request was not received within the receive deadline), 411 (no Content-Length), 413 (body, image
+count, per-image pixels or per-request pixels over the limits, which the message states), 415 (not
+`application/json`), 500 (the scorer failed: a generic message with the request id; the exception
+and traceback go to the server's log under that id), 503 with `Retry-After` (the scoring queue is
+full, the request waited past its deadline in the queue, or the scorer reported a transient
+overload), 504 (scoring started but did not finish within the request deadline).
 
-Protocol:
-- `GET /health` → `{"status": "ok", "scorer": ..., "max_request_bytes": ..., "requests": n, "errors": n}`.
-- `POST /score` with `{"edited": [base64 PNG, ...], "sources": [base64 PNG, ...] (optional),
-  "instructions": [str, ...]}` → `{"scores": [float, ...]}`, one per edited image, in order. Scores that
-  are not finite are sent as `null` (JSON has no NaN); clients reject them.
-- Errors answer `{"error": "..."}` with 400 (bad JSON or fields), 404, 411 (no Content-Length),
-  413 (body over `--max-request-mb`, default 64 MiB) or 500 (the scorer failed or returned the wrong
-  number of scores).
+How it holds up (each bound is a flag of `python -m rcgrpo.reward_server`):
+- authentication: an optional token (`--token` or the `RCGRPO_REWARD_TOKEN` environment variable),
+  sent as `Authorization: Bearer <token>` or as the password of HTTP Basic auth (what a URL
+  `http://user:<token>@host:port` sends), compared with `hmac.compare_digest`;
+- a whole-request deadline (`--deadline`, from accept to answer) and a receive deadline
+  (`--receive-deadline`) for the request line, headers and body together: the socket's timeout is
+  set to the time left before every read, so a client trickling bytes (slowloris) is cut off with
+  408 at the deadline, not reset by each byte;
+- at most `--max-connections` connections are served at once; further ones wait in the listen
+  backlog (`--backlog`), never refused by the server;
+- one scorer call at a time (GPU models are rarely thread-safe) behind a queue of at most
+  `--max-queue` waiting requests; beyond it, 503 with `Retry-After` (an estimate from recent scoring
+  times), so a flood is answered, not dropped; images are decoded by the scoring worker, so only
+  the running request's pixels are ever decoded;
+- the body limit is checked from Content-Length before reading; pixel limits from the PNG headers
+  before decoding; JSON depth by a byte scan before parsing.
+Memory in the worst case is about `max_connections × max_request_mb × 3` for bodies being parsed,
+plus one request's decoded pixels (`max_request_pixels × 3` bytes).
 
-A scorer `module:function` is called as `function(edited=[PIL.Image], sources=[PIL.Image] or None,
-instructions=[str])` and returns a list of floats, one per edited image. Calls are serialized (one at a
-time), since a GPU model is rarely thread-safe. The server binds to 127.0.0.1 by default; it has no
-authentication, so only bind other addresses on a trusted network.
+Why the standard library rather than uvicorn + starlette or LitServe: none of those gives a
+deadline for receiving a request (uvicorn's `timeout_keep_alive` only covers idle time between
+requests, and its request-start/complete timeouts were never merged), so bounding slow senders
+would mean subclassing uvicorn's private protocol classes; the other properties (token, 415, depth,
+pixel caps, request ids, metrics, a bounded queue with `Retry-After`) are application code in any
+stack. `http.server` parses requests and headers (line and header-count limits included), the
+deadline is one small raw reader under its buffered reader, and the server adds no dependency on the
+reward model's machine, whose environment (torch, CUDA, vLLM) the EditScore package dictates.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
+import base64
+import concurrent.futures
+import hmac
+import io
 import json
-import math
-import sys
+import logging
+import secrets
+import socket
 import threading
+import time
+from dataclasses import asdict, dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+from .protocol import TOKEN_ENV, RequestError, RequestLimits, ScoreRequest, parse_score_request
+from .score_queue import QueueFull, Scorer, ScoreQueue, ScorerUnavailable
+from .server_metrics import ServerMetrics
+
 DEFAULT_PORT = 8765
-DEFAULT_MAX_REQUEST_MB = 64.0
-_DRAIN_FACTOR = 4  # read (and discard) up to this many times the limit so a 413 reaches the client
+_DRAIN_FACTOR = 4  # read (and drop) up to this many times the body limit so a 413 reaches the client
 
-Scorer = Callable[..., list]
-
-
-def _decode_image(data, field: str, index: int):
-    from .codec import decode_png_base64
-
-    if not isinstance(data, str):
-        raise ValueError(f"{field}[{index}] must be a base64 string, got {type(data).__name__}")
-    try:
-        return decode_png_base64(data)
-    except ValueError as exc:
-        raise ValueError(f"{field}[{index}] is {exc}") from None
+log = logging.getLogger("rcgrpo.reward_server")
 
 
-def parse_request(body: bytes, *, require_sources: bool = False):
-    """(edited, sources or None, instructions) from a request body; ValueError describes what is wrong."""
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"request body is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError("request body must be a JSON object with 'edited' and 'instructions' lists")
-    edited = data.get("edited")
-    instructions = data.get("instructions")
-    sources = data.get("sources")
-    if not isinstance(edited, list) or not edited:
-        raise ValueError("'edited' must be a non-empty list of base64 PNG images")
-    if not isinstance(instructions, list) or len(instructions) != len(edited):
-        raise ValueError(f"'instructions' must be a list of {len(edited)} strings (one per edited image)")
-    if not all(isinstance(t, str) for t in instructions):
-        raise ValueError("'instructions' must contain only strings")
-    if sources is not None and (not isinstance(sources, list) or len(sources) != len(edited)):
-        raise ValueError(f"'sources' must be a list of {len(edited)} base64 images (one per edited image)")
-    if sources is None and require_sources:
-        raise ValueError("this scorer needs 'sources' (the images before editing)")
-    edited_imgs = [_decode_image(x, "edited", i) for i, x in enumerate(edited)]
-    source_imgs = None if sources is None else [_decode_image(x, "sources", i) for i, x in enumerate(sources)]
-    return edited_imgs, source_imgs, instructions
 
+@dataclass(frozen=True)
+class ServerSettings:
+    token: str = ""
+    deadline_s: float = 300.0
+    receive_deadline_s: float = 30.0
+    max_connections: int = 32
+    max_queue: int = 16
+    backlog: int = 1024
+    verbose: bool = False
 
-def check_scores(scores, count: int) -> list:
-    """Scores as JSON values: floats, non-finite ones as None. ValueError for a wrong count or type."""
-    if hasattr(scores, "tolist"):
-        scores = scores.tolist()
-    if not isinstance(scores, (list, tuple)):
-        raise ValueError(f"scorer returned {type(scores).__name__}, expected a list of {count} floats")
-    if len(scores) != count:
-        raise ValueError(f"scorer returned {len(scores)} scores for {count} images")
-    out = []
-    for i, s in enumerate(scores):
-        if isinstance(s, bool):
-            raise ValueError(f"scorer returned a bool at index {i}, expected a float")
-        try:
-            value = float(s)
-        except (TypeError, ValueError):
-            raise ValueError(f"scorer returned {s!r} at index {i}, expected a float") from None
-        out.append(value if math.isfinite(value) else None)
-    return out
+    def validate(self) -> "ServerSettings":
+        if not (self.deadline_s > 0 and self.receive_deadline_s > 0):
+            raise ValueError(f"deadlines must be positive, got deadline {self.deadline_s} and receive deadline "
+                             f"{self.receive_deadline_s}")
+        for name in ("max_connections", "max_queue", "backlog"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        return self
 
 
 class RewardServer(ThreadingHTTPServer):
+    """`ThreadingHTTPServer` with bounded connections, deadlines, a token, limits and metrics."""
+
     daemon_threads = True
 
-    def __init__(self, address, scorer: Scorer, *, scorer_name: str, max_request_bytes: int,
-                 request_timeout: float = 120.0, verbose: bool = False):
-        self.scorer = scorer
+    def __init__(self, address, scorer: Scorer, *, scorer_name: str, settings: ServerSettings | None = None,
+                 limits: RequestLimits | None = None):
+        self.settings = (settings or ServerSettings()).validate()
+        self.limits = (limits or RequestLimits()).validate()
         self.scorer_name = scorer_name
-        self.max_request_bytes = int(max_request_bytes)
-        self.request_timeout = request_timeout
-        self.verbose = verbose
-        self.score_lock = threading.Lock()
-        self.stats_lock = threading.Lock()
-        self.requests = 0
-        self.errors = 0
+        self.require_sources = bool(getattr(scorer, "requires_sources", False))
+        self.queue = ScoreQueue(scorer, self.settings.max_queue)
+        self.metrics = ServerMetrics()
+        self.request_queue_size = self.settings.backlog  # listen() backlog
+        if ":" in str(address[0]):
+            self.address_family = socket.AF_INET6
+        self._slots = threading.BoundedSemaphore(self.settings.max_connections)
+        self._closing = threading.Event()
         super().__init__(address, _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def process_request(self, request, client_address):
+        # Wait for a free handler slot; meanwhile further connections wait in the kernel's listen backlog.
+        while not self._slots.acquire(timeout=0.25):
+            if self._closing.is_set():
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def health(self) -> dict:
+        return {"status": "ok", "scorer": self.scorer_name, "auth": "token" if self.settings.token else "none",
+                "limits": asdict(self.limits), "queue": {"depth": self.queue.depth, "max": self.settings.max_queue},
+                "deadline_s": self.settings.deadline_s, "receive_deadline_s": self.settings.receive_deadline_s}
+
+    def server_close(self):
+        self._closing.set()
+        super().server_close()
+        self.queue.close()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Reads a socket with the timeout set, before every read, to the time left until `deadline()`."""
+
+    def __init__(self, sock: socket.socket, deadline: Callable[[], float]):
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        remaining = self._deadline() - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request deadline passed")
+        self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: RewardServer
-    server_version = "rcgrpo-reward-server/1"
+    server_version = "rcgrpo-reward-server/2"
     protocol_version = "HTTP/1.1"
 
     def setup(self):
-        self.timeout = self.server.request_timeout  # socket timeout: a stalled client cannot hold a thread
         super().setup()
+        settings = self.server.settings
+        self.started = time.monotonic()
+        self.deadline = self.started + settings.deadline_s
+        self.receive_deadline = self.started + min(settings.receive_deadline_s, settings.deadline_s)
+        self.request_id = secrets.token_hex(8)
+        self.status = 0
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, lambda: self.receive_deadline), 1 << 16)
+
+    # --- request line and dispatch (one request per connection) ---------------------------------------
+
+    def handle_one_request(self):
+        self.close_connection = True
+        self.command, self.path = "", ""
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline:
+                return
+            if len(self.raw_requestline) > 65536:
+                self._error(414, "request line longer than 65536 bytes")
+                return
+            if not self.parse_request():  # answers 400/431/505 itself (through send_error)
+                return
+            handler = {"GET": self._get, "POST": self._post}.get(self.command)
+            if handler is None:
+                self._error(405, f"method {self.command} is not allowed; use GET /health, GET /metrics or "
+                                 "POST /score", headers={"Allow": "GET, POST"})
+                return
+            handler()
+        except TimeoutError:
+            seconds = min(self.server.settings.receive_deadline_s, self.server.settings.deadline_s)
+            self._error(408, f"the request was not received within the server's {seconds:g} s receive deadline")
+        except OSError as exc:  # the client went away
+            log.debug("request %s: connection error %s", self.request_id, exc)
+        finally:
+            self._record()
+
+    def send_error(self, code, message=None, explain=None):  # used by parse_request
+        self._error(code, message or explain or HTTPStatus(code).phrase)
 
     def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
-        if self.server.verbose:
-            super().log_message(format, *args)
+        log.debug("%s - %s", self.address_string(), format % args)
 
-    def _send_json(self, status: int, payload: dict) -> None:
-        body = json.dumps(payload, allow_nan=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        if status >= 400:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
-        if status >= 400:
-            with self.server.stats_lock:
-                self.server.errors += 1
+    def _route(self) -> str:
+        return self.path.split("?", 1)[0].rstrip("/") or "/"
 
-    def do_GET(self):  # noqa: N802 - http.server naming
-        if self.path.split("?")[0].rstrip("/") == "/health":
-            with self.server.stats_lock:
-                stats = {"requests": self.server.requests, "errors": self.server.errors}
-            self._send_json(200, {"status": "ok", "scorer": self.server.scorer_name,
-                                  "max_request_bytes": self.server.max_request_bytes, **stats})
+    def _get(self):
+        route = self._route()
+        if route == "/health":
+            self._send_json(200, self.server.health())
+        elif route == "/metrics":
+            if not self._authorized():
+                self._unauthorized()
+                return
+            snapshot = self.server.metrics.snapshot()
+            snapshot["queue"] = {"depth": self.server.queue.depth, "max": self.server.settings.max_queue}
+            snapshot["scorer"] = self.server.scorer_name
+            self._send_json(200, snapshot)
         else:
-            self._send_json(404, {"error": f"no such path {self.path!r}; use GET /health or POST /score"})
+            self._error(404, f"no such path {route!r}; use GET /health, GET /metrics or POST /score")
 
-    def do_POST(self):  # noqa: N802
-        if self.path.split("?")[0].rstrip("/") != "/score":
-            self._send_json(404, {"error": f"no such path {self.path!r}; use POST /score"})
+    def _post(self):
+        route = self._route()
+        if route != "/score":
+            self._discard_body()
+            self._error(404, f"no such path {route!r}; use POST /score")
             return
-        with self.server.stats_lock:
-            self.server.requests += 1
+        if not self._authorized():
+            self._discard_body()
+            self._unauthorized()
+            return
+        content_type = self.headers.get_content_type()
+        if content_type != "application/json":
+            self._discard_body()
+            self._error(415, f"Content-Type must be application/json, got {content_type}")
+            return
+        if self.headers.get("Transfer-Encoding"):
+            self._error(411, "send the body with a Content-Length (no Transfer-Encoding)")
+            return
         length_header = self.headers.get("Content-Length")
         if length_header is None:
-            self._send_json(411, {"error": "a Content-Length header is required"})
+            self._error(411, "a Content-Length header is required")
             return
         try:
             length = int(length_header)
             if length < 0:
                 raise ValueError
         except ValueError:
-            self._send_json(400, {"error": f"invalid Content-Length {length_header!r}"})
+            self._error(400, f"invalid Content-Length {length_header!r}")
             return
-        limit = self.server.max_request_bytes
+        limit = self.server.limits.max_request_bytes
         if length > limit:
-            self._drain(length)
-            self._send_json(413, {"error": f"request body of {length} bytes exceeds the server's limit of {limit} bytes"})
+            self._discard(length, _DRAIN_FACTOR * limit)
+            self._error(413, f"request body of {length} bytes exceeds the server's limit of {limit} bytes "
+                             f"({limit / 2**20:g} MiB)")
             return
-        try:
-            body = self.rfile.read(length)
-        except OSError as exc:
-            self._send_json(400, {"error": f"could not read the request body ({exc})"})
-            return
+        body = self.rfile.read(length)  # TimeoutError past the receive deadline → 408
         if len(body) != length:
-            self._send_json(400, {"error": f"request body ended after {len(body)} of {length} bytes"})
+            self._error(400, f"request body ended after {len(body)} of {length} bytes")
             return
         try:
-            edited, sources, instructions = parse_request(
-                body, require_sources=getattr(self.server.scorer, "requires_sources", False))
-        except ValueError as exc:
-            self._send_json(400, {"error": str(exc)})
+            request = parse_score_request(body, self.server.limits, require_sources=self.server.require_sources)
+        except RequestError as exc:
+            self._error(exc.status, str(exc))
             return
-        try:
-            with self.server.score_lock:
-                raw = self.server.scorer(edited=edited, sources=sources, instructions=instructions)
-        except Exception as exc:  # noqa: BLE001 - any scorer failure is a 500 for the client
-            self._send_json(500, {"error": f"scorer {self.server.scorer_name} failed: {type(exc).__name__}: {exc}"})
-            return
-        try:
-            scores = check_scores(raw, len(edited))
-        except ValueError as exc:
-            self._send_json(500, {"error": str(exc)})
-            return
-        self._send_json(200, {"scores": scores})
+        del body
+        self._score(request)
 
-    def _drain(self, length: int) -> None:
-        """Read and drop a too-large body (up to a bound) so the client can finish sending and read the 413."""
-        remaining = min(length, _DRAIN_FACTOR * self.server.max_request_bytes)
+    def _score(self, request: ScoreRequest):
+        queue = self.server.queue
+        try:
+            future = queue.submit(request)
+        except QueueFull as exc:
+            self._error(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
+            return
+        concurrent.futures.wait([future], timeout=max(0.0, self.deadline - time.monotonic()))
+        if not future.done():
+            deadline = self.server.settings.deadline_s
+            if future.cancel():
+                self._error(503, f"the request waited in the scoring queue past the server's {deadline:g} s deadline",
+                            headers={"Retry-After": str(queue.retry_after())})
+            else:
+                log.warning("request %s: scoring did not finish within the %g s deadline", self.request_id, deadline)
+                self._error(504, f"scoring did not finish within the server's {deadline:g} s deadline")
+            return
+        try:
+            scores = future.result()
+        except RequestError as exc:  # a PNG that does not decode
+            self._error(exc.status, str(exc))
+            return
+        except ScorerUnavailable as exc:
+            log.warning("request %s: scorer unavailable: %s", self.request_id, exc)
+            self._error(503, f"the scorer is temporarily unavailable ({exc})",
+                        headers={"Retry-After": str(queue.retry_after())})
+            return
+        except Exception:  # noqa: BLE001 - any scorer failure is a 500; details stay in the server log
+            log.exception("request %s: scorer %s failed", self.request_id, self.server.scorer_name)
+            self._error(500, f"the scorer failed; the server log has the details under request id {self.request_id}")
+            return
+        self._send_json(200, {"scores": scores, "request_id": self.request_id})
+
+    # --- authentication -----------------------------------------------------------------------------
+
+    def _authorized(self) -> bool:
+        token = self.server.settings.token
+        if not token:
+            return True
+        scheme, _, value = self.headers.get("Authorization", "").strip().partition(" ")
+        supplied = ""
+        if scheme.lower() == "bearer":
+            supplied = value.strip()
+        elif scheme.lower() == "basic":
+            try:
+                supplied = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                supplied = ""
+        return hmac.compare_digest(supplied.encode("utf-8"), token.encode("utf-8"))
+
+    def _unauthorized(self):
+        self._error(401, "missing or wrong token: send 'Authorization: Bearer <token>' or the token as the URL's "
+                         "password",
+                    headers={"WWW-Authenticate": 'Bearer realm="rcgrpo-reward-server"'})
+
+    # --- bodies and answers -------------------------------------------------------------------------
+
+    def _discard_body(self):
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return
+        self._discard(length, self.server.limits.max_request_bytes)
+
+    def _discard(self, length: int, cap: int):
+        """Read and drop up to `cap` bytes of a body we answer without reading, so the client can finish
+        sending and read the answer; stops at the receive deadline."""
+        remaining = min(max(length, 0), cap)
         try:
             while remaining > 0:
                 chunk = self.rfile.read(min(remaining, 1 << 16))
                 if not chunk:
                     break
                 remaining -= len(chunk)
-        except OSError:
+        except OSError:  # includes TimeoutError: answer anyway
             pass
 
+    def _error(self, status: int, message: str, *, headers: dict | None = None):
+        if status >= 500 and status != 503:
+            log.warning("request %s: %s %s → %d %s", self.request_id, self.command, self.path, status, message)
+        self._send_json(status, {"error": message, "request_id": self.request_id}, headers=headers)
 
-# ----------------------------------------------------------------------------------------------------
-# Scorers
-
-
-def load_function_scorer(spec: str) -> Scorer:
-    """The callable named by `"package.module:function"` (ValueError naming what failed)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--scorer {spec!r}: expected 'editscore' or 'module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"--scorer {spec!r}: cannot import module {module_name!r} ({exc})") from None
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise ValueError(f"--scorer {spec!r}: module {module_name!r} has no callable {attr!r}")
-    return fn
-
-
-class EditScoreScorer:
-    """Wraps the `editscore` package's `EditScore(...).evaluate([source, edited], instruction)`; the
-    score is the result's `key` entry (default "overall")."""
-
-    requires_sources = True
-
-    def __init__(self, *, backbone: str, model_name_or_path: str, lora_path: str | None = None,
-                 score_range: int = 25, num_pass: int = 1, key: str = "overall", **kwargs):
+    def _send_json(self, status: int, payload: dict, *, headers: dict | None = None):
+        if self.status:  # already answered
+            return
+        self.status = status
+        body = json.dumps(payload, allow_nan=False).encode("utf-8")
         try:
-            from editscore import EditScore
-        except ImportError as exc:
-            raise RuntimeError(
-                f"--scorer editscore needs the 'editscore' package ({exc}); install it on the GPU machine "
-                "(see https://github.com/VectorSpaceLab/EditScore) or use --scorer module:function"
-            ) from None
-        options = dict(backbone=backbone, model_name_or_path=model_name_or_path, score_range=score_range,
-                       num_pass=num_pass, **kwargs)
-        if lora_path:
-            options.update(enable_lora=True, lora_path=lora_path)
-        self.model = EditScore(**options)
-        self.key = key
+            self.connection.settimeout(max(1.0, self.deadline - time.monotonic()))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Request-Id", self.request_id)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.wfile.flush()
+        except OSError as exc:
+            log.debug("request %s: could not send the answer (%s)", self.request_id, exc)
 
-    def __call__(self, *, edited, sources, instructions):
-        scores = []
-        for src, out, text in zip(sources, edited, instructions):
-            result = self.model.evaluate([src, out], text)
-            if not isinstance(result, dict) or self.key not in result:
-                raise RuntimeError(f"EditScore result has no {self.key!r} entry: {str(result)[:200]}")
-            scores.append(float(result[self.key]))
-        return scores
+    def log_request(self, code="-", size="-"):  # replaced by _record
+        pass
 
-
-def build_scorer(args) -> tuple[Scorer, str]:
-    if args.scorer == "editscore":
-        if not args.editscore_model:
-            raise ValueError("--scorer editscore needs --editscore-model (a local path or hub id of the backbone)")
-        scorer = EditScoreScorer(backbone=args.editscore_backbone, model_name_or_path=args.editscore_model,
-                                 lora_path=args.editscore_lora, score_range=args.editscore_score_range,
-                                 num_pass=args.editscore_num_pass, key=args.editscore_key)
-        return scorer, "editscore"
-    return load_function_scorer(args.scorer), args.scorer
+    def _record(self):
+        if not self.status:
+            return  # nothing was asked (the client connected and left)
+        elapsed = time.monotonic() - self.started
+        route = self._route() if self.path else "-"
+        if route not in ("/score", "/health", "/metrics"):
+            route = "other"
+        self.server.metrics.record(route, self.status, elapsed)
+        if self.server.settings.verbose:
+            log.info("request %s: %s %s → %d in %.3f s", self.request_id, self.command or "-", route, self.status,
+                     elapsed)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rcgrpo.reward_server", description="HTTP reward server (JSON, no pickle)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    p.add_argument("--scorer", default="editscore", help="'editscore' or 'module:function' (default editscore)")
-    p.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB,
-                   help=f"largest request body in MiB; larger ones get HTTP 413 (default {DEFAULT_MAX_REQUEST_MB:g})")
-    p.add_argument("--request-timeout", type=float, default=120.0, help="socket timeout per connection, seconds")
-    p.add_argument("--editscore-backbone", default="qwen25vl", help="EditScore backbone (default qwen25vl)")
-    p.add_argument("--editscore-model", default=None, help="EditScore backbone model: local path or hub id")
-    p.add_argument("--editscore-lora", default=None, help="EditScore LoRA weights (local path or hub id)")
-    p.add_argument("--editscore-score-range", type=int, default=25)
-    p.add_argument("--editscore-num-pass", type=int, default=1)
-    p.add_argument("--editscore-key", default="overall", help="which EditScore result to return (default overall)")
-    p.add_argument("--verbose", action="store_true", help="log every request")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        print(f"reward_server: error: --port must be in 0..65535, got {args.port}", file=sys.stderr)
-        return 2
-    if not args.max_request_mb > 0:
-        print("reward_server: error: --max-request-mb must be positive", file=sys.stderr)
-        return 2
-    try:
-        scorer, name = build_scorer(args)
-    except ValueError as exc:
-        print(f"reward_server: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        print(f"reward_server: error: {exc}", file=sys.stderr)
-        return 1
-    try:
-        server = RewardServer((args.host, args.port), scorer, scorer_name=name,
-                              max_request_bytes=int(args.max_request_mb * 2**20),
-                              request_timeout=args.request_timeout, verbose=args.verbose)
-    except OSError as exc:
-        print(f"reward_server: error: cannot listen on {args.host}:{args.port} ({exc})", file=sys.stderr)
-        return 1
-    host, port = server.server_address[:2]
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"reward_server: warning: listening on {args.host}, reachable from other machines; the server has "
-              "no authentication", file=sys.stderr)
-    print(f"rcgrpo reward server ({name}) listening on http://{host}:{port}", flush=True)
+def serve(server: RewardServer) -> None:
+    """Serve until interrupted, then close the socket and the scoring worker."""
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["DEFAULT_PORT", "TOKEN_ENV", "RewardServer", "Scorer", "ScoreQueue", "ScorerUnavailable", "ServerSettings",
+           "serve"]
