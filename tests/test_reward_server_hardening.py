@@ -232,7 +232,9 @@ def test_deadline_answers_503_in_the_queue_and_504_while_scoring():
 
         first = threading.Thread(target=one, args=("running", "sleep:1.2"))
         first.start()
-        time.sleep(0.2)
+        wait_until = time.monotonic() + 20
+        while server.queue.depth == 0 and time.monotonic() < wait_until:  # the first is being scored
+            time.sleep(0.01)
         second = threading.Thread(target=one, args=("queued", "x"))
         second.start()
         first.join(timeout=30)
