@@ -8,17 +8,24 @@ Layout (see ARCHITECTURE.md):
 - `rcgrpo.eval`: CompBench evaluation; `rcgrpo.dryrun`: full-size dry runs;
 - `rcgrpo.data`, `rcgrpo.io`, `rcgrpo.cli`, `rcgrpo.testing` (tiny offline pipelines).
 
-The names below are the public API; the method's names import eagerly, the rest on first use.
+The names below are the public API; each imports on first use (so `rcgrpo --help` imports no torch).
 """
-from .method.acd import acd_from_mass, acd_reward
-from .method.advantages import combine_rewards, group_advantages, standardize
-from .method.masks import element_mask, pixel_to_token_mask, token_mask_for_image
-from .method.policy import distance_from_region_sums, grpo_loss, region_normalized_distance, surrogate_log_probs
-from .method.rdp import region_decoupled_noise
-
 __version__ = "0.1.0"
 
 _LAZY = {
+    "acd_from_mass": "rcgrpo.method.acd",
+    "acd_reward": "rcgrpo.method.acd",
+    "combine_rewards": "rcgrpo.method.advantages",
+    "group_advantages": "rcgrpo.method.advantages",
+    "standardize": "rcgrpo.method.advantages",
+    "element_mask": "rcgrpo.method.masks",
+    "pixel_to_token_mask": "rcgrpo.method.masks",
+    "token_mask_for_image": "rcgrpo.method.masks",
+    "distance_from_region_sums": "rcgrpo.method.policy",
+    "grpo_loss": "rcgrpo.method.policy",
+    "region_normalized_distance": "rcgrpo.method.policy",
+    "surrogate_log_probs": "rcgrpo.method.policy",
+    "region_decoupled_noise": "rcgrpo.method.rdp",
     "RolloutResult": "rcgrpo.flux.rollout",
     "rollout": "rcgrpo.flux.rollout",
     "FluxACDAttnProcessor": "rcgrpo.flux.attention",
@@ -39,19 +46,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'rcgrpo' has no attribute {name!r}")
 
 
-__all__ = [
-    "acd_from_mass",
-    "acd_reward",
-    "combine_rewards",
-    "distance_from_region_sums",
-    "element_mask",
-    "group_advantages",
-    "grpo_loss",
-    "pixel_to_token_mask",
-    "region_decoupled_noise",
-    "region_normalized_distance",
-    "standardize",
-    "surrogate_log_probs",
-    "token_mask_for_image",
-    *_LAZY,
-]
+__all__ = list(_LAZY)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

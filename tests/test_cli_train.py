@@ -10,7 +10,7 @@ REQUIRED_KEYS = ("step", "loss", "reward_mean", "reward_std_within_group", "acd_
 def test_train_tiny_writes_metrics_checkpoints_lora_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--group-size", "4", "--num-anchors", "2", "--num-inference-steps", "2", "--eval-size", "2",
-              "--checkpoint-every", "1", "--tensorboard", "false"]
+              "--checkpoint-every", "1", "--report-to", "none"]
     assert cli_main(["train", "--preset", "tiny", "--max-steps", "2", "--seed", "3", "--output-dir", str(out),
                      "--report", *common]) == 0
     printed = capsys.readouterr().out.strip().splitlines()

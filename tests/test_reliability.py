@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_config(out, **overrides):
     values = dict(group_size=4, num_anchors=2, groups_per_step=1, num_inference_steps=2, max_steps=3, train_size=4,
                   eval_size=2, reward_funcs=["redness"], reward_weights=[1.0], w_acd=0.0, distance_backend="torch",
-                  checkpoint_every=1, sample_every=0, tensorboard=False, output_dir=str(out))
+                  checkpoint_every=1, sample_every=0, report_to="none", output_dir=str(out))
     values.update(overrides)
     return preset("tiny", **values)
 
@@ -80,7 +80,7 @@ if slow is not None:
     torch.save = save
 cfg = preset("tiny", group_size=4, num_anchors=2, groups_per_step=1, num_inference_steps=2, max_steps={max_steps},
              train_size=4, reward_funcs=["redness"], reward_weights=[1.0], w_acd=0.0, distance_backend="torch",
-             checkpoint_every={checkpoint_every}, keep_checkpoints=5, sample_every=0, tensorboard=False,
+             checkpoint_every={checkpoint_every}, keep_checkpoints=5, sample_every=0, report_to="none",
              output_dir={str(out)!r})
 tr = RCGRPOTrainer(tiny_kontext_pipeline(0), cfg, [("redness", redness_reward)], SquareDataset(4, size=32))
 tr.resume()
@@ -154,7 +154,7 @@ def test_signal_saves_and_exits_cleanly(tmp_path, sig):
 
 # ---------------------------------------------------------------- numerical guards
 def test_non_finite_updates_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
-    import rcgrpo.train.trainer as trainer_module
+    import rcgrpo.train.update as trainer_module  # where the trainer calls grpo_loss
 
     real_loss = trainer_module.grpo_loss
 

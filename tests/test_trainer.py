@@ -22,7 +22,7 @@ def small_config(tmp_path, **overrides):
     values = dict(
         group_size=4, num_anchors=2, groups_per_step=1, num_inference_steps=2, max_steps=2, train_size=4, eval_size=2,
         reward_funcs=["redness"], reward_weights=[1.0], w_acd=0.5, acd_backend="torch", distance_backend="torch",
-        checkpoint_every=0, sample_every=0, tensorboard=False, output_dir=str(tmp_path / "run"), learning_rate=1e-2,
+        checkpoint_every=0, sample_every=0, report_to="none", output_dir=str(tmp_path / "run"), learning_rate=1e-2,
     )
     values.update(overrides)
     return preset("tiny", **values)
@@ -200,7 +200,7 @@ def _run_torchrun(tmp_path, nproc, groups, out):
         "from rcgrpo.train.trainer import RCGRPOTrainer\n"
         f"cfg = preset('tiny', group_size=4, num_anchors=2, groups_per_step={groups}, num_inference_steps=2, max_steps=2,"
         " reward_funcs=['redness'], reward_weights=[1.0], w_acd=0.5, acd_backend='torch', distance_backend='torch',"
-        f" checkpoint_every=0, sample_every=0, tensorboard=False, output_dir={str(out)!r}, train_size=4, max_grad_norm=0.0)\n"
+        f" checkpoint_every=0, sample_every=0, report_to='none', output_dir={str(out)!r}, train_size=4, max_grad_norm=0.0)\n"
         "tr = RCGRPOTrainer(tiny_kontext_pipeline(0), cfg, [('redness', redness_reward)], SquareDataset(4, size=32))\n"
         "tr.train()\n"
         "if tr.accelerator.is_main_process:\n"

@@ -1,75 +1,70 @@
-"""`rcgrpo` command line: edit, train, eval, dryrun, diagnostics.
+"""`rcgrpo` command line: one module per command, each exposing `main(argv, prog) -> int`.
 
 Exit status 2 for bad input (usage, files, config), 1 for a failure while running; errors are one
-readable line on stderr, the traceback only with `--debug`.
+readable line on stderr, the traceback only with `--debug` (or RCGRPO_DEBUG=1). `rcgrpo --help` and
+`rcgrpo <command> --help` import no model code.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
 import traceback
 
-# command: (module, function adding its arguments, function running it, help)
+from .parsing import UsageError
+
+# command: (module, one-line help)
 COMMANDS = {
-    "edit": ("rcgrpo.cli.edit", "add_edit_arguments", "run_edit", "edit an image with an RDP group (global vs RDP)"),
-    "train": ("rcgrpo.cli.train", "add_train_arguments", "run_train", "RC-GRPO training (LoRA)"),
-    "eval": ("rcgrpo.cli.eval", "add_eval_arguments", "run_eval", "CompBench-style evaluation"),
-    "dryrun": ("rcgrpo.cli.dryrun", "add_dryrun_arguments", "run_dryrun",
-               "one iteration of a full-size model with random weights"),
-    "diagnostics": ("rcgrpo.cli.diagnostics", "add_diagnostics_arguments", "run_diagnostics",
-                    "the paper's Fig. 5 (ECDFs of background drift and reward std) from runs' metrics.jsonl"),
+    "edit": ("rcgrpo.cli.edit", "edit an image with an RDP group (global vs RDP side by side)"),
+    "train": ("rcgrpo.cli.train", "RC-GRPO training of a LoRA"),
+    "eval": ("rcgrpo.cli.eval", "CompBench metrics (official conventions) of a model or of existing edits"),
+    "dryrun": ("rcgrpo.cli.dryrun", "one iteration of a full-size model with random weights: time and memory"),
+    "diagnostics": ("rcgrpo.cli.diagnostics", "the paper's Fig. 5 (ECDFs of background drift and reward std) "
+                    "from runs' metrics.jsonl"),
+    "minibench": ("rcgrpo.cli.minibench", "MiniBench tools: `make` writes a held-out set in the CompBench layout"),
 }
 
 BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
 
 
-class UsageError(Exception):
-    """Bad command-line usage (exit status 2)."""
+def usage() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage and exit itself
-        raise UsageError(f"{self.prog}: {message}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rcgrpo", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-    for name, (module, add_fn, _run, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-        p.set_defaults(_command=name)
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            p.set_defaults(_missing=f"the '{name}' command is not available in this build")
-            continue
-        getattr(mod, add_fn)(p)
-    return parser
+    try:
+        ver = version("rcgrpo")
+    except PackageNotFoundError:
+        ver = "unknown"
+    lines = [f"usage: rcgrpo [--debug] [--version] <command> [options]   (rcgrpo {ver})", "",
+             "Region-constrained GRPO post-training of flow-based image editors (FLUX.1-Kontext).", "",
+             "commands:"]
+    lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "rcgrpo <command> --help shows the command's options and their defaults."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("RCGRPO_DEBUG") == "1"
-    if not debug:
-        _quiet_libraries()
+    argv = [a for a in argv if a != "--debug"]
     try:
-        args = build_parser().parse_args(argv)
-        if getattr(args, "command", None) is None:
-            raise UsageError("rcgrpo: choose a command: " + ", ".join(COMMANDS) + " (see rcgrpo --help)")
-        if getattr(args, "_missing", None):
-            raise UsageError(args._missing)
-        module, _add, run_fn, _help = COMMANDS[args._command]
-        return int(getattr(importlib.import_module(module), run_fn)(args) or 0)
-    except UsageError as exc:
-        _report(exc, debug)
-        return 2
-    except BAD_INPUT_ERRORS as exc:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(usage())
+            return 0 if argv else 2
+        if argv[0] == "--version":
+            print(usage().splitlines()[0].split("(")[-1].rstrip(")"))
+            return 0
+        name = argv[0]
+        if name not in COMMANDS:
+            raise UsageError(f"rcgrpo: invalid choice: {name!r} (choose from {', '.join(COMMANDS)})")
+        module = importlib.import_module(COMMANDS[name][0])
+        if not debug:
+            _quiet_libraries()
+        if hasattr(module, "main"):
+            return int(module.main(argv[1:], prog=f"rcgrpo {name}") or 0)
+        return _run_argparse_command(module, name, argv[1:])
+    except SystemExit as exc:  # --help of a command
+        return exc.code if isinstance(exc.code, int) else 0
+    except (UsageError, *BAD_INPUT_ERRORS) as exc:
         _report(exc, debug)
         return 2
     except KeyboardInterrupt:
@@ -78,6 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         _report(exc, debug)
         return 1
+
+
+def _run_argparse_command(module, name: str, argv: list[str]) -> int:
+    """A command module that still defines `add_<name>_arguments(parser)` and `run_<name>(args)`."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError(f"{self.prog}: {message}")
+
+    parser = Parser(prog=f"rcgrpo {name}")
+    getattr(module, f"add_{name}_arguments")(parser)
+    return int(getattr(module, f"run_{name}")(parser.parse_args(argv)) or 0)
 
 
 def _quiet_libraries() -> None:
@@ -94,7 +102,7 @@ def _quiet_libraries() -> None:
 
 def _report(exc: BaseException, debug: bool) -> None:
     if debug:
-        traceback.print_exc()
+        traceback.print_exception(exc)
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, KeyError):
         message = f"missing key {message}"
@@ -102,5 +110,4 @@ def _report(exc: BaseException, debug: bool) -> None:
     print(prefix + message, file=sys.stderr)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["COMMANDS", "UsageError", "main"]

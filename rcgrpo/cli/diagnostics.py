@@ -2,30 +2,50 @@
 from the `metrics.jsonl` of one or more runs."""
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 
-from ..train.diagnostics import plot_fig5
-
-
-def _run_arg(text: str) -> tuple[str, str]:
-    label, sep, path = text.partition("=")
-    if not sep or not label or not path:
-        raise argparse.ArgumentTypeError(f"--run expects LABEL=PATH, got {text!r}")
-    return label, path
+from .parsing import parse
 
 
-def add_diagnostics_arguments(parser) -> None:
-    parser.add_argument("--run", type=_run_arg, action="append", required=True,
-                        help="LABEL=PATH (metrics.jsonl or run directory); repeat a label to pool runs")
-    parser.add_argument("--output", required=True, help="PNG to write")
-    parser.add_argument("--linear-drift", action="store_true", help="linear (not log) x axis for the drift")
+@dataclass
+class DiagnosticsArguments:
+    run: list[str] = field(metadata={"help": "LABEL=PATH (a metrics.jsonl or a run directory); repeat a label to "
+                                             "pool runs, e.g. --run global=runs/g rdp=runs/r"})
+    output: str = field(default="fig5.png", metadata={"help": "PNG to write"})
+    linear_drift: bool = field(default=False, metadata={"help": "linear (not log) x axis for the drift"})
 
 
-def run_diagnostics(args) -> int:
+def runs_from_args(items: list[str]) -> dict[str, list[str]]:
     runs: dict[str, list[str]] = {}
-    for label, path in args.run:
+    for text in items:
+        label, sep, path = text.partition("=")
+        if not sep or not label or not path:
+            raise ValueError(f"--run expects LABEL=PATH, got {text!r}")
         runs.setdefault(label, []).append(path)
+    return runs
+
+
+def merge_repeated(argv: list[str], flag: str) -> list[str]:
+    """`--run a --run b c` as `--run a b c` (a list flag given several times keeps every value)."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == flag:
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest + ([flag, *values] if values else [])
+
+
+def main(argv: list[str], prog: str = "rcgrpo diagnostics") -> int:
+    args = parse((DiagnosticsArguments,), merge_repeated(argv, "--run"), prog, description=__doc__.splitlines()[0])
+    runs = runs_from_args(args.run)
+    from ..train.diagnostics import plot_fig5
+
     summary = plot_fig5(runs, args.output, log_drift=not args.linear_drift)
     print(json.dumps(summary, indent=2))
     return 0

@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 
 from ..data.synthetic import EditExample, square_example
 from ..flux.rollout import background_drift, latent_shape, rollout
+from ..flux.text import acd_text_weights
 from ..io.files import atomic_write_text
 from ..io.images import image_grid, load_image, load_mask, save_image
 from ..method.masks import token_mask_for_image
 from ..method.rdp import region_decoupled_noise
+from .parsing import parse
+from .validation import check_output_dir
+
+
+def _opt(default, text: str):
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass
@@ -32,9 +40,12 @@ class CandidateReport:
     acd: float  # R_acd of the candidate (mean over the recorded layers and steps)
 
 
-def perturbation_schemes(alpha_edit: float, alpha_base: float, global_sigma: float) -> dict[str, tuple[float, float]]:
-    """{name: (α_edit, α_base)} for the side-by-side comparison."""
-    return {"global": (global_sigma, global_sigma), "rdp": (alpha_edit, alpha_base)}
+def perturbation_schemes(alpha_edit: float, alpha_base: float, global_sigma: float | None = None
+                         ) -> dict[str, tuple[float, float]]:
+    """{name: (α_edit, α_base)} for the side-by-side comparison; the global σ defaults to α_edit, so
+    both schemes perturb the edit region equally (SPEC §3)."""
+    sigma = alpha_edit if global_sigma is None else global_sigma
+    return {"global": (sigma, sigma), "rdp": (alpha_edit, alpha_base)}
 
 
 def region_rms(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> float:
@@ -52,19 +63,22 @@ def edit_group(
     guidance_scale: float = 2.5,
     alpha_edit: float = 0.3,
     alpha_base: float = 0.02,
-    global_sigma: float = 0.3,
+    global_sigma: float | None = None,
     seed: int = 0,
     max_sequence_length: int = 512,
     acd_layers: int = 10,
     acd_backend: str = "auto",
+    acd_text_tokens: str = "prompt",
 ) -> tuple[list[CandidateReport], dict[str, torch.Tensor]]:
-    """Roll out both schemes; returns per-candidate reports and `{scheme: images [G, 3, H, W]}`."""
+    """Roll out both schemes; returns per-candidate reports and `{scheme: images [G, 3, H, W]}`.
+    ACD counts the instruction's real T5 tokens (`acd_text_tokens="prompt"`) or every position ("all")."""
     _, height, width = example.image.shape
     token_mask = token_mask_for_image(example.mask, height, width, pipe.vae_scale_factor, name=example.example_id)
     n_img, channels = latent_shape(pipe, height, width)
     latent_mask = token_mask[:, None].expand(n_img, channels)
     device = pipe.transformer.device
     dtype = pipe.transformer.dtype
+    text_weights = acd_text_weights(pipe, example.instruction, max_sequence_length, acd_text_tokens)
     recorder = _attach_acd(pipe, acd_layers, acd_backend)
     reports: list[CandidateReport] = []
     images: dict[str, torch.Tensor] = {}
@@ -74,7 +88,7 @@ def edit_group(
             noises = region_decoupled_noise((n_img, channels), latent_mask, group_size=group_size,
                                             alpha_edit=a_edit, alpha_base=a_base, generator=gen)
             source = example.image[None].to(device=device, dtype=dtype)
-            with recorder.capture(token_mask.to(device)) as cap:
+            with recorder.capture(token_mask.to(device), text_weights=text_weights) as cap:
                 result = rollout(pipe, source, example.instruction, noises.to(device=device, dtype=dtype),
                                  num_steps=num_steps, guidance_scale=guidance_scale, height=height,
                                  width=width, max_sequence_length=max_sequence_length)
@@ -131,48 +145,73 @@ def format_report(reports: list[CandidateReport]) -> str:
     return "\n".join(lines)
 
 
-def add_edit_arguments(parser) -> None:
-    parser.add_argument("--image", help="source image file (default: a built-in generated example)")
-    parser.add_argument("--mask", help="edit mask file, same size as the image (white = edit region)")
-    parser.add_argument("--prompt", help="edit instruction")
-    parser.add_argument("--model", help="FLUX.1-Kontext model: hub id or local path (default: the tiny offline model)")
-    parser.add_argument("--lora", help="directory with pytorch_lora_weights.safetensors to load")
-    parser.add_argument("--output-dir", default="runs/edit", help="where candidate images and report.json go")
-    parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=None, help="Euler steps (default 4 tiny, 28 real)")
-    parser.add_argument("--guidance-scale", type=float, default=2.5)
-    parser.add_argument("--alpha-edit", type=float, default=0.3)
-    parser.add_argument("--alpha-base", type=float, default=0.02)
-    parser.add_argument("--global-sigma", type=float, default=0.3, help="σ of the global-perturbation baseline")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+@dataclass
+class EditArguments:
+    """Options of `rcgrpo edit`."""
+
+    image: Optional[str] = _opt(None, "source image file (default: a built-in generated example)")
+    mask: Optional[str] = _opt(None, "edit mask file, same size as the image (white = edit region)")
+    prompt: Optional[str] = _opt(None, "edit instruction")
+    model: str = _opt("tiny", "tiny | tiny-editor | a local FLUX.1-Kontext directory | a hub id")
+    lora: Optional[str] = _opt(None, "directory with pytorch_lora_weights.safetensors to load")
+    output_dir: str = _opt("runs/edit", "where candidate images and report.json go")
+    group_size: int = _opt(4, "G: candidates per scheme (candidate 0 is the unperturbed reference)")
+    steps: Optional[int] = _opt(None, "Euler steps (default: the model's, e.g. 4 for tiny, 28 for FLUX.1-Kontext)")
+    guidance_scale: Optional[float] = _opt(None, "Kontext guidance (default: the model's, 2.5)")
+    alpha_edit: float = _opt(0.3, "RDP α_edit inside the mask")
+    alpha_base: float = _opt(0.02, "RDP α_base in the background")
+    global_sigma: Optional[float] = _opt(None, "σ of the global-perturbation baseline (default: alpha_edit)")
+    acd_text_tokens: Literal["prompt", "all"] = _opt("prompt", "ACD text queries: the instruction's tokens or every "
+                                                               "padded T5 position")
+    seed: int = _opt(0, "seed of ε* and the perturbations")
+    device: Optional[str] = _opt(None, "cpu or cuda (default: cuda when available)")
+
+    def validate(self) -> None:
+        if (self.image is None) != (self.mask is None):
+            raise ValueError("--image and --mask must be given together")
+        if self.group_size < 2:
+            raise ValueError(f"--group-size: expected an int ≥ 2 (the reference and a perturbed candidate), "
+                             f"got {self.group_size}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps: expected an int ≥ 1, got {self.steps}")
+        for name in ("alpha_edit", "alpha_base", "global_sigma"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')}: expected a value in [0, 1], got {value}")
+        check_output_dir(self.output_dir, "--output-dir")
 
 
-def run_edit(args) -> int:
+def main(argv: list[str], prog: str = "rcgrpo edit") -> int:
+    args = parse((EditArguments,), argv, prog, description=__doc__.splitlines()[0])
+    args.validate()
+    return run_edit(args)
+
+
+def run_edit(args: EditArguments) -> int:
     from ..flux.pipeline import load_pipeline
 
-    if (args.image is None) != (args.mask is None):
-        raise ValueError("--image and --mask must be given together")
+    if args.image:  # read the inputs before the model
+        image = load_image(args.image, name="--image")
+        mask = load_mask(args.mask, name="--mask")
     pipe, defaults = load_pipeline(args.model, device=args.device)
     if args.lora:
         from ..flux.pipeline import load_lora
 
         load_lora(pipe, args.lora)
     if args.image:
-        image = load_image(args.image, name="--image")
-        mask = load_mask(args.mask, name="--mask")
         example = EditExample(image=image, mask=mask, instruction=args.prompt or "edit the masked region",
                               example_id=Path(args.image).stem)
     else:
-        example = square_example(args.seed, defaults.resolution if defaults.resolution <= 512 else 512)
+        example = square_example(args.seed, min(defaults.resolution, 512))
         if args.prompt:
             example.instruction = args.prompt
     steps = args.steps or defaults.num_inference_steps
     start = time.perf_counter()
     reports, images = edit_group(
-        pipe, example, group_size=args.group_size, num_steps=steps, guidance_scale=args.guidance_scale,
+        pipe, example, group_size=args.group_size, num_steps=steps,
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.guidance_scale,
         alpha_edit=args.alpha_edit, alpha_base=args.alpha_base, global_sigma=args.global_sigma, seed=args.seed,
-        max_sequence_length=defaults.max_sequence_length,
+        max_sequence_length=defaults.max_sequence_length, acd_text_tokens=args.acd_text_tokens,
     )
     elapsed = time.perf_counter() - start
     out = Path(args.output_dir)

@@ -1,94 +1,104 @@
-"""`rcgrpo train` (also `accelerate launch -m rcgrpo.train`): build pipeline, data and rewards from a config, train.
+"""`rcgrpo train` (also `accelerate launch -m rcgrpo.train` / `torchrun -m rcgrpo.train`): a config from a
+preset, a YAML file and flags (in that order of precedence, flags last), then the pipeline, data and
+rewards it names, then training.
 
     rcgrpo train --preset tiny --output-dir runs/tiny
     rcgrpo train --config cfg.yaml --learning-rate 5e-5 --output-dir runs/x
-    accelerate launch -m rcgrpo.train --config cfg.yaml      (or torchrun --nproc_per_node N -m rcgrpo.train ...)
+    rcgrpo train --resume runs/x --max-steps 400           (a run directory or a checkpoint-N directory)
+
+Every `RCGRPOConfig` field is a flag (`rcgrpo train --help` lists them with their defaults).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Optional
 
-from ..train.config import PRESETS, RCGRPOConfig, parse_override
-
-
-def add_train_arguments(parser) -> None:
-    parser.add_argument("--preset", help=f"start from a preset: {', '.join(sorted(PRESETS))}")
-    parser.add_argument("--config", help="YAML file with RCGRPOConfig fields")
-    parser.add_argument("--resume", help="continue from the newest complete checkpoint in this run directory")
-    parser.add_argument("--report", action="store_true", help="evaluate before/after and write a report (demo)")
-    for f in dataclasses.fields(RCGRPOConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None,
-                            metavar=f.type if isinstance(f.type, str) else f.type.__name__,
-                            help=f.metadata.get("doc", ""))
+from ..train.config import PRESETS, RCGRPOConfig
+from .parsing import build_parser, parse
+from .validation import check_output_dir
 
 
-def config_from_args(args) -> RCGRPOConfig:
+@dataclass
+class TrainCommandArguments:
+    """Options of `rcgrpo train` besides the config fields."""
+
+    preset: Optional[str] = field(default=None, metadata={"help": f"start from a preset: {', '.join(sorted(PRESETS))}"})
+    config: Optional[str] = field(default=None, metadata={"help": "YAML file of RCGRPOConfig fields (over the preset)"})
+    resume: Optional[str] = field(default=None, metadata={
+        "help": "continue a run: its directory (newest complete checkpoint) or a checkpoint-N directory; without "
+                "--preset/--config the checkpoint's config is used, and flags change what a resume may change"})
+    report: bool = field(default=False, metadata={"help": "evaluate before/after and write a report (the demo)"})
+
+
+def base_values(command: TrainCommandArguments) -> dict:
+    """The config values under the flags: preset, then YAML, or the resumed checkpoint's config."""
     values: dict = {}
-    if args.preset:
-        if args.preset not in PRESETS:
-            raise ValueError(f"--preset {args.preset!r}: unknown preset; choose one of {sorted(PRESETS)}")
-        values.update(PRESETS[args.preset])
-    if args.config:
-        values.update(RCGRPOConfig.from_yaml(args.config).to_dict() if not values else _yaml_values(args.config))
-    if args.resume and not args.config and not args.preset:
-        state = Path(args.resume)
-        from ..train.checkpoints import list_checkpoints
+    if command.preset:
+        if command.preset not in PRESETS:
+            raise ValueError(f"--preset {command.preset!r}: unknown preset; choose one of {sorted(PRESETS)}")
+        values.update(PRESETS[command.preset])
+    if command.config:
+        values.update(RCGRPOConfig.read_yaml(command.config))
+    if command.resume and not command.config and not command.preset:
+        from ..train.checkpoints import find_checkpoint, read_trainer_state
 
-        ckpts = list_checkpoints(state)
-        if not ckpts:
-            raise ValueError(f"--resume {args.resume!r}: no complete checkpoint found there")
-        values.update(json.loads((ckpts[-1] / "trainer_state.json").read_text())["config"])
-    for f in dataclasses.fields(RCGRPOConfig):
-        raw = getattr(args, f"cfg_{f.name}", None)
-        if raw is not None:
-            values[f.name] = parse_override(f.name, raw)
-    if args.resume and args.cfg_output_dir is None:
-        values["output_dir"] = args.resume
-    return RCGRPOConfig.from_dict(values, source="configuration")
-
-
-def _yaml_values(path) -> dict:
-    import yaml
-
-    values = yaml.safe_load(Path(path).read_text()) or {}
-    RCGRPOConfig.from_dict({**RCGRPOConfig().to_dict(), **values}, source=f"config file {path!r}")
+        saved = read_trainer_state(find_checkpoint(command.resume)).get("config", {})
+        known = {f.name for f in dataclasses.fields(RCGRPOConfig)}
+        values.update({k: v for k, v in saved.items() if k in known})
+    if command.resume:
+        values.setdefault("output_dir", _run_dir(command.resume))
     return values
 
 
-def run_train(args) -> int:
+def parse_train_args(argv: list[str], prog: str = "rcgrpo train") -> tuple[TrainCommandArguments, RCGRPOConfig]:
+    """(command options, config): a first pass reads --preset/--config/--resume, whose values become the
+    defaults of the second pass over every flag."""
+    first = build_parser((TrainCommandArguments,), prog)
+    known, _ = first.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    defaults = base_values(TrainCommandArguments(**vars(known)))
+    return parse((TrainCommandArguments, RCGRPOConfig), argv, prog, defaults=defaults,
+                 description="RC-GRPO training of a LoRA on a FLUX.1-Kontext pipeline.")
+
+
+def main(argv: list[str], prog: str = "rcgrpo train") -> int:
     import torch
 
+    command, config = parse_train_args(argv, prog)
     from ..flux.pipeline import load_pipeline
     from ..rewards.registry import reward_funcs_from_config
     from ..train.data import build_datasets
     from ..train.trainer import RCGRPOTrainer
 
-    config = config_from_args(args)
+    check_output_dir(config.output_dir, "--output-dir")
     device = None if config.device == "auto" else config.device
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" and torch.cuda.is_available() else None
-    pipe, _ = load_pipeline(config.model, device=device, dtype=dtype)
     train_set, eval_set = build_datasets(config)
-    trainer = RCGRPOTrainer(pipe, config, reward_funcs_from_config(config), train_set, eval_set)
-    if args.resume:
-        trainer.resume(args.resume)
-    main = trainer.accelerator.is_main_process
-    before = trainer.evaluate() if args.report else None
+    rewards = reward_funcs_from_config(config)
+    pipe, _ = load_pipeline(config.model, device=device, dtype=dtype)
+    trainer = RCGRPOTrainer(pipe, config, rewards, train_set, eval_set)
+    main_process = trainer.accelerator.is_main_process
+    if command.resume:
+        trainer.resume(command.resume)
+        changed = trainer.resume_changes
+        if main_process:
+            print(f"resumed from step {trainer.step}"
+                  + ("; changed: " + ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changed.items()) if changed else ""))
+    before = trainer.evaluate() if command.report else None
     start = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - start
     if trainer.stopped_by_signal is not None:
-        if main:
+        if main_process:
             print(f"stopped by signal {trainer.stopped_by_signal} after step {trainer.step}; "
                   f"resume with: rcgrpo train --resume {trainer.output_dir}")
         return 0
-    if main:
+    if main_process:
         print(f"trained {trainer.step} steps in {elapsed:.1f} s; LoRA at {trainer.output_dir / 'lora'}")
-    if args.report:
+    if command.report:
         after = trainer.evaluate()
-        if main:
+        if main_process:
             from ..train.report import write_training_report
 
             write_training_report(trainer, before=before, after=after, seconds=elapsed)
@@ -96,3 +106,10 @@ def run_train(args) -> int:
     return 0
 
 
+def _run_dir(resume: str) -> str:
+    from pathlib import Path
+
+    from ..train.checkpoints import CHECKPOINT_PREFIX
+
+    path = Path(resume)
+    return str(path.parent if path.name.startswith(CHECKPOINT_PREFIX) else path)

@@ -48,7 +48,8 @@ import platform
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 from pathlib import Path
 
 import torch
@@ -58,29 +59,34 @@ from .measure import DERIVED_PHASES, PHASES, TOP_PHASES, PhaseTracker, trim_host
 from .memory import REFERENCE_GPUS, estimate_memory, memory_suggestions
 from .report import gib
 
+def _opt(default, text: str, **kwargs):
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
 @dataclass
 class DryRunSettings:
-    """What one dry run builds and runs (validated by `validate`)."""
+    """What one dry run builds and runs (the options of `rcgrpo dryrun`; validated by `validate`)."""
 
-    arch: str = "flux-kontext-dev"
-    resolution: int = 1024
-    group: int = 12
-    anchors: int = 4
-    steps: int = 28
-    train_steps: int = 8
-    train_step_chunk: int = 8
-    gradient_checkpointing: bool = False
-    offload_states: bool = False
-    depth_scale: float = 1.0
-    acd: bool = True
-    attention: str = "acd"  # "acd" (the fused op) or "eager" (materialized attention weights)
-    device: str | None = None  # None: cuda when available, else cpu
-    dtype: str = "bf16"
-    lora_rank: int = 32
-    text_len: int | None = None  # None: the architecture's T5 length (512)
-    seed: int = 0
-    force: bool = False
-    json_path: str | None = None
+    arch: Literal["flux-kontext-dev"] = _opt("flux-kontext-dev", "model architecture (configs of public checkpoints)")
+    resolution: int = _opt(1024, "edit height and width in pixels (multiple of 16)")
+    group: int = _opt(12, "G: candidates per group")
+    anchors: int = _opt(4, "B: anchors (< G)")
+    steps: int = _opt(28, "T: Euler ODE steps of the rollout")
+    train_steps: int = _opt(8, "transitions trained (first n, high noise first)")
+    train_step_chunk: int = _opt(8, "train transitions per backward pass")
+    gradient_checkpointing: bool = _opt(False, "recompute block activations in backward")
+    offload_states: bool = _opt(False, "keep rollout states on the CPU during the update")
+    depth_scale: float = _opt(1.0, "fraction of the double and single blocks kept (at least 1 each; width unchanged)")
+    acd: bool = _opt(True, "the ACD reward (--no-acd: w_acd = 0)")
+    attention: Literal["acd", "eager"] = _opt("acd", "ACD mass from the fused op (acd) or from materialized attention "
+                                                     "weights (eager)")
+    device: Optional[str] = _opt(None, "cpu or cuda (default: cuda when available)")
+    dtype: Literal["bf16", "fp32"] = _opt("bf16", "model dtype")
+    lora_rank: int = _opt(32, "LoRA rank")
+    text_len: Optional[int] = _opt(None, "T5 tokens of the random prompt embeddings (default: the architecture's, 512)")
+    seed: int = _opt(0, "seed of the random weights, noises and anchors")
+    force: bool = _opt(False, "run even when the memory model's estimate exceeds the device memory")
+    json: Optional[str] = _opt(None, "also write the report as JSON to this file")
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -119,8 +125,8 @@ class DryRunSettings:
                 raise ValueError(f"--device {self.device!r}: choose 'cpu' or 'cuda'")
             if self.device.startswith("cuda") and not torch.cuda.is_available():
                 raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
-        if self.json_path is not None and Path(self.json_path).is_dir():
-            raise ValueError(f"--json {self.json_path!r}: is a directory; give a file path")
+        if self.json is not None and Path(self.json).is_dir():
+            raise ValueError(f"--json {self.json!r}: is a directory; give a file path")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -261,11 +267,12 @@ def dry_run(s: DryRunSettings, *, log=print) -> dict:
         model="random", resolution=s.resolution, max_sequence_length=text_len, group_size=s.group,
         groups_per_step=1, num_inference_steps=s.steps, num_anchors=s.anchors, train_timesteps=str(s.train_steps),
         train_step_chunk=s.train_step_chunk, reward_funcs=["redness"], w_acd=0.5 if s.acd else 0.0,
-        acd_layers=acd_layers, acd_mode="eager" if s.attention == "eager" else "fused", lora_rank=s.lora_rank,
+        acd_layers=acd_layers, acd_mode="eager" if s.attention == "eager" else "fused", acd_text_tokens="all",
+        lora_rank=s.lora_rank,
         lora_alpha=float(s.lora_rank),
         mixed_precision="bf16" if (s.dtype == "bf16" and device.type == "cuda") else "no",
         gradient_checkpointing=s.gradient_checkpointing, offload_states=s.offload_states, max_steps=1, seed=s.seed,
-        output_dir=tmp.name, checkpoint_every=0, tensorboard=False, train_size=1, eval_size=0,
+        output_dir=tmp.name, checkpoint_every=0, report_to="none", train_size=1, eval_size=0,
         device="cuda" if device.type == "cuda" else "cpu",
     )
     t1 = time.perf_counter()

@@ -7,27 +7,16 @@ returns the pipeline with the `ModelDefaults` (resolution, steps, text length, g
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .defaults import KONTEXT_DEFAULTS, TINY_DEFAULTS, ModelDefaults
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TINY_MODELS = ("tiny", "tiny-editor")
 
 
-@dataclass(frozen=True)
-class ModelDefaults:
-    """Settings that suit a model when a command is not told otherwise."""
-
-    resolution: int
-    num_inference_steps: int
-    max_sequence_length: int
-    guidance_scale: float = 2.5
-
-
-KONTEXT_DEFAULTS = ModelDefaults(resolution=1024, num_inference_steps=28, max_sequence_length=512)
-TINY_DEFAULTS = ModelDefaults(resolution=32, num_inference_steps=4, max_sequence_length=16)
 
 
 def default_device(device: str | None = None) -> torch.device:

@@ -83,6 +83,7 @@ class LossStats:
     kl_loss: float
     ratio_mean: float
     ratio_max: float
+    ratio_min: float
     clip_fraction: float
 
 
@@ -136,6 +137,7 @@ def grpo_loss(
             kl_loss=float(kl),
             ratio_mean=float(ratio.mean()),
             ratio_max=float(ratio.max()),
+            ratio_min=float(ratio.min()),
             clip_fraction=float(((ratio - 1.0).abs() > clip_eps).float().mean()),
         )
     return loss, stats

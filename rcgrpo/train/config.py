@@ -1,23 +1,32 @@
 """`RCGRPOConfig`: every knob of an RC-GRPO run, with defaults, documentation and validation.
 
-Loaded from YAML (safe_load; unknown keys and wrong types are errors) and overridable from the CLI
-as `--field-name value`. Presets give complete starting points (`tiny` runs offline on a CPU).
+A dataclass in the style of TRL's configs: each field's `metadata["help"]` documents it, choices are
+`Literal` types, so `transformers.HfArgumentParser` turns it into flags (`--learning-rate 5e-5`,
+`--gradient-checkpointing` / `--no-gradient-checkpointing`, `--reward-funcs a b`) with every default
+shown in `--help`. YAML files (safe_load) set the same fields; unknown keys and wrong types are errors,
+and numbers written the usual way (`1e-4`, which YAML 1.1 reads as a string) are accepted. Range
+checks live in `validate()`, which runs on construction. Presets give complete starting points.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
 import yaml
 
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+# Fields a resumed run cannot change: the LoRA's shape and the model it adapts.
+RESUME_FIXED = ("model", "lora_rank", "lora_alpha", "lora_target_modules")
 
 
 def _doc(text: str, **kwargs):
-    return field(metadata={"doc": text}, **kwargs)
+    return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass
@@ -25,68 +34,90 @@ class RCGRPOConfig:
     """Configuration of `RCGRPOTrainer` (SPEC §3-7 defaults)."""
 
     # --- model and data
-    model: str = _doc("FLUX.1-Kontext pipeline: 'tiny' (offline test model), a hub id or a local path", default="tiny")
-    dataset: str = _doc("'squares' (built-in synthetic task) or a CompBench-format directory", default="squares")
-    train_size: int = _doc("examples in the built-in training set", default=16)
+    model: str = _doc("FLUX.1-Kontext pipeline: 'tiny' (random offline test model), 'tiny-editor' (the pretrained "
+                      "tiny MiniBench editor), a local diffusers directory or a hub id", default="tiny")
+    dataset: str = _doc("'squares' (built-in toy task), 'minibench' (procedural MiniBench train split) or a "
+                        "CompBench-format directory", default="squares")
+    train_size: int = _doc("examples in the built-in training sets", default=16)
     eval_size: int = _doc("held-out examples used for the before/after reward", default=8)
     resolution: int = _doc("edit height and width in pixels (multiple of 16)", default=512)
-    max_sequence_length: int = _doc("T5 prompt tokens", default=512)
+    max_sequence_length: int = _doc("T5 prompt tokens (the pipeline pads the instruction to this length)", default=512)
     skip_bad_examples: bool = _doc("report and skip examples with unusable masks instead of stopping", default=False)
-    mask_pooling: str = _doc("pixel→token mask pooling: 'max' or 'mean'", default="max")
+    mask_pooling: Literal["max", "mean"] = _doc("pixel→token mask pooling", default="max")
     mask_threshold: float = _doc("threshold for mask_pooling='mean'", default=0.5)
     # --- group rollouts (RDP, SPEC §3-4)
     group_size: int = _doc("G: candidates per group, index 0 the unperturbed reference", default=12)
-    groups_per_step: int = _doc("groups (examples) per process per optimizer step", default=1)
+    groups_per_step: int = _doc("groups (examples) per process per rollout batch", default=1)
     num_inference_steps: int = _doc("T: Euler ODE steps of each rollout", default=28)
     guidance_scale: float = _doc("Kontext guidance scale", default=2.5)
-    perturbation: str = _doc("'rdp' (region-decoupled) or 'global' (Neighbor GRPO ablation)", default="rdp")
-    alpha_edit: float = _doc("RDP perturbation scale inside the edit mask", default=0.3)
-    alpha_base: float = _doc("RDP perturbation scale in the background (ε_bg)", default=0.02)
-    global_sigma: float = _doc("σ of the global perturbation when perturbation='global'", default=0.3)
+    perturbation: Literal["rdp", "global"] = _doc("'rdp' (region-decoupled) or 'global' (Neighbor GRPO's global "
+                                                  "perturbation, the ablation baseline)", default="rdp")
+    alpha_edit: float = _doc("RDP perturbation scale α_edit inside the edit mask", default=0.3)
+    alpha_base: float = _doc("RDP perturbation scale α_base in the background (ε_bg)", default=0.02)
+    global_sigma: Optional[float] = _doc("σ of perturbation='global' (α_edit = α_base = σ); unset: σ = alpha_edit, "
+                                         "so the ablation compares the same strength inside the mask", default=None)
     # --- surrogate policy (SPEC §5)
     num_anchors: int = _doc("B: anchors drawn from the perturbed candidates", default=4)
-    train_timesteps: str = _doc("transitions trained: 'all', an int n (first n, high noise first) or a fraction like '0.5'", default="all")
+    train_timesteps: str = _doc("transitions trained: 'all', an int n (first n, high noise first) or a fraction "
+                                "like '0.5'", default="all")
     tau_edit: float = _doc("τ_edit of the region-normalized distance", default=0.9)
     tau_base: float = _doc("τ_base of the region-normalized distance", default=1.1)
     distance_scale: float = _doc("s: scale of the distance", default=1.0)
     distance_eps: float = _doc("ε in the region normalization", default=1e-6)
-    distance_backend: str = _doc("region_sq_dists backend: auto|triton|cpp|torch", default="auto")
+    distance_backend: Literal["auto", "triton", "cpp", "torch"] = _doc("region_sq_dists backend", default="auto")
     # --- rewards and objective (SPEC §6-7)
-    reward_funcs: list = _doc("task reward names (see rcgrpo.rewards) or 'module:function'", default_factory=lambda: ["background_psnr"])
-    reward_weights: list = _doc("weights of reward_funcs (default 1 each)", default_factory=list)
-    editscore_url: str = _doc("URL of an EditScore reward server (python -m rcgrpo.reward_server) for 'editscore'", default="")
-    clip_model: str = _doc("CLIP weights (hub id or local path) for 'clip_lct' / 'clip_lci'", default="openai/clip-vit-large-patch14")
+    reward_funcs: list[str] = _doc("task reward names (background_psnr, background_ssim, clip_lct, clip_lci, "
+                                   "editscore, minibench, redness) or 'module:function'",
+                                   default_factory=lambda: ["background_psnr"])
+    reward_weights: list[float] = _doc("weights of reward_funcs, one each (empty: 1 each)", default_factory=list)
+    editscore_url: str = _doc("URL of an EditScore reward server (python -m rcgrpo.reward_server) for 'editscore'",
+                              default="")
+    clip_model: str = _doc("CLIP weights for 'clip_lct' / 'clip_lci': hub id, local path or 'tiny-clip'",
+                           default="openai/clip-vit-large-patch14")
     w_task: float = _doc("weight of the standardized task reward", default=1.0)
     w_acd: float = _doc("weight of the standardized ACD reward (0 disables ACD)", default=0.5)
     acd_layers: int = _doc("ACD uses the last K attention layers", default=10)
-    acd_backend: str = _doc("acd_attention backend: auto|triton|cpp|torch", default="auto")
-    acd_mode: str = _doc("ACD attention: 'fused' (one kernel), 'sdpa' (SDPA output + mass kernel) or 'eager' "
-                         "(materialized weights, the measurement baseline)", default="fused")
-    advantage: str = _doc("'std' or 'quasi_norm' (Neighbor GRPO)", default="std")
+    acd_text_tokens: Literal["prompt", "all"] = _doc("text queries v of ACD: the instruction's real T5 tokens "
+                                                     "('prompt', SPEC §7) or every padded position ('all')",
+                                                     default="prompt")
+    acd_backend: Literal["auto", "triton", "cpp", "torch"] = _doc("acd_attention backend", default="auto")
+    acd_mode: Literal["fused", "sdpa", "eager"] = _doc("ACD attention: 'fused' (one kernel), 'sdpa' (SDPA output + "
+                                                       "mass kernel) or 'eager' (materialized weights, the "
+                                                       "measurement baseline)", default="fused")
+    advantage: Literal["std", "quasi_norm"] = _doc("group advantage normalization ('quasi_norm': Neighbor GRPO)",
+                                                   default="std")
     quasi_norm_p: float = _doc("p of the quasi-norm advantage", default=0.8)
     clip_eps: float = _doc("ε_clip of the clipped objective", default=0.2)
     beta: float = _doc("weight of the deviation from the base model's prediction", default=0.0)
-    bad_reward_policy: str = _doc("non-finite or malformed rewards: 'stop' the run or 'skip' the group", default="stop")
+    bad_reward_policy: Literal["stop", "skip"] = _doc("non-finite or malformed rewards: stop the run or skip the "
+                                                      "group", default="stop")
     # --- LoRA and optimization
     lora_rank: int = _doc("LoRA rank", default=16)
     lora_alpha: float = _doc("LoRA alpha", default=16.0)
-    lora_target_modules: list = _doc("modules that get LoRA adapters", default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    lora_target_modules: list[str] = _doc("modules that get LoRA adapters",
+                                          default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     learning_rate: float = _doc("AdamW learning rate", default=1e-4)
     weight_decay: float = _doc("AdamW weight decay", default=0.0)
     adam_beta1: float = _doc("AdamW β1", default=0.9)
     adam_beta2: float = _doc("AdamW β2", default=0.999)
-    lr_scheduler: str = _doc("diffusers scheduler name: constant, constant_with_warmup, linear, cosine", default="constant")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = _doc(
+        "learning-rate schedule (diffusers get_scheduler)", default="constant")
     warmup_steps: int = _doc("learning-rate warm-up steps", default=0)
     max_grad_norm: float = _doc("gradient clipping norm (0 disables)", default=1.0)
-    gradient_accumulation_steps: int = _doc("iterations accumulated per optimizer step", default=1)
+    gradient_accumulation_steps: int = _doc("rollout batches per optimizer step: the step's groups are "
+                                            "groups_per_step × this; rewards are standardized over all of them, "
+                                            "the update runs one group at a time", default=1)
     inner_epochs: int = _doc("updates on each batch of rollouts", default=1)
     train_step_chunk: int = _doc("train transitions per backward pass (bounds activation memory)", default=8)
-    mixed_precision: str = _doc("'no' or 'bf16' (autocast on GPU)", default="no")
+    mixed_precision: Literal["no", "bf16"] = _doc("bf16 autocast on GPU", default="no")
     gradient_checkpointing: bool = _doc("recompute transformer activations in backward", default=False)
     vae_slicing: bool = _doc("decode the G candidates one at a time (lower peak memory)", default=False)
     cache_text_embeddings: bool = _doc("encode each instruction once", default=True)
-    offload_states: bool = _doc("keep rollout states on the CPU between rollout and update", default=False)
+    offload_states: bool = _doc("keep rollout states on the CPU between rollout and update (moved to the device "
+                                "one group at a time)", default=False)
     max_nonfinite_steps: int = _doc("stop after this many consecutive non-finite losses/gradients", default=3)
+    log_policy_kl: bool = _doc("after each update, measure KL(π_old‖π_θ) of the surrogate policy on the same "
+                               "batch (one extra forward per anchor transition)", default=True)
     # --- run control
     max_steps: int = _doc("optimizer steps", default=100)
     seed: int = _doc("seed of data order, noises and anchors", default=0)
@@ -95,10 +126,13 @@ class RCGRPOConfig:
     keep_checkpoints: int = _doc("complete checkpoints kept", default=2)
     log_every: int = _doc("log every N steps", default=1)
     sample_every: int = _doc("save sample edits and ACD heatmaps every N steps (0: never)", default=0)
-    tensorboard: bool = _doc("also write TensorBoard events", default=True)
-    device: str = _doc("'auto', 'cpu' or 'cuda'", default="auto")
+    report_to: str = _doc("trackers: tensorboard, wandb, mlflow or none (comma-separated for several); "
+                          "metrics.jsonl is always written", default="tensorboard")
+    device: str = _doc("'auto', 'cpu', 'cuda' or 'cuda:N'", default="auto")
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_type(f)))
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -114,30 +148,43 @@ class RCGRPOConfig:
         need(self.groups_per_step >= 1, "groups_per_step", "an int ≥ 1")
         need(self.num_inference_steps >= 1, "num_inference_steps", "an int ≥ 1")
         need(self.resolution >= 16 and self.resolution % 16 == 0, "resolution", "a multiple of 16")
-        need(self.perturbation in ("rdp", "global"), "perturbation", "'rdp' or 'global'")
-        for name in ("alpha_edit", "alpha_base", "global_sigma"):
+        need(self.max_sequence_length >= 1, "max_sequence_length", "an int ≥ 1")
+        for name in ("alpha_edit", "alpha_base"):
             need(0.0 <= getattr(self, name) <= 1.0, name, "a value in [0, 1]")
+        need(self.global_sigma is None or 0.0 <= self.global_sigma <= 1.0, "global_sigma", "unset or a value in [0, 1]")
         for name in ("tau_edit", "tau_base", "distance_scale", "learning_rate"):
             need(getattr(self, name) > 0 and math.isfinite(getattr(self, name)), name, "a finite value > 0")
         need(self.clip_eps > 0, "clip_eps", "a value > 0")
         need(self.beta >= 0, "beta", "a value ≥ 0")
-        need(self.advantage in ("std", "quasi_norm"), "advantage", "'std' or 'quasi_norm'")
-        need(self.bad_reward_policy in ("stop", "skip"), "bad_reward_policy", "'stop' or 'skip'")
-        need(self.mixed_precision in ("no", "bf16"), "mixed_precision", "'no' or 'bf16'")
-        need(self.mask_pooling in ("max", "mean"), "mask_pooling", "'max' or 'mean'")
+        need(0.0 <= self.mask_threshold <= 1.0, "mask_threshold", "a value in [0, 1]")
+        need(self.w_acd >= 0 and math.isfinite(self.w_acd), "w_acd", "a finite value ≥ 0")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", "'auto', 'cpu' or 'cuda'")
-        need(self.acd_mode in ("fused", "sdpa", "eager"), "acd_mode", "'fused', 'sdpa' or 'eager'")
-        for name in ("acd_backend", "distance_backend"):
-            need(getattr(self, name) in ("auto", "triton", "cpp", "torch"), name, "auto|triton|cpp|torch")
         need(len(self.reward_funcs) >= 1, "reward_funcs", "at least one reward function")
         need(not self.reward_weights or len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
              f"{len(self.reward_funcs)} weights (one per reward function) or none")
+        need(all(math.isfinite(w) for w in self.reward_weights), "reward_weights", "finite numbers")
         for name in ("max_steps", "lora_rank", "gradient_accumulation_steps", "inner_epochs", "train_step_chunk",
-                     "max_nonfinite_steps", "keep_checkpoints", "log_every", "train_size", "eval_size"):
-            need(getattr(self, name) >= 1 if name not in ("eval_size",) else getattr(self, name) >= 0, name, "a positive int")
-        for name in ("checkpoint_every", "sample_every", "warmup_steps", "weight_decay"):
+                     "max_nonfinite_steps", "keep_checkpoints", "log_every", "train_size", "acd_layers"):
+            need(getattr(self, name) >= 1, name, "an int ≥ 1")
+        for name in ("checkpoint_every", "sample_every", "warmup_steps", "weight_decay", "eval_size", "max_grad_norm"):
             need(getattr(self, name) >= 0, name, "a value ≥ 0")
+        need(bool(str(self.output_dir).strip()), "output_dir", "a directory path (not empty)")
+        trackers = self.trackers()
+        need(all(t in REPORT_TO for t in trackers) and ("none" not in trackers or len(trackers) == 1), "report_to",
+             f"one or more of {', '.join(REPORT_TO[:-1])} (comma-separated), or none")
         self.train_timestep_indices(self.num_inference_steps)  # raises on a bad spec
+
+    def trackers(self) -> list[str]:
+        """The trackers of `report_to` ([] for "none")."""
+        names = [t.strip() for t in str(self.report_to).split(",") if t.strip()]
+        return [] if names == ["none"] else names
+
+    def perturbation_scales(self) -> tuple[float, float]:
+        """(α_edit, α_base) of the configured perturbation: RDP's, or the global σ for both (SPEC §3)."""
+        if self.perturbation == "global":
+            sigma = self.alpha_edit if self.global_sigma is None else self.global_sigma
+            return sigma, sigma
+        return self.alpha_edit, self.alpha_base
 
     def train_timestep_indices(self, num_steps: int) -> list[int]:
         """Transitions j trained (SPEC §5): all, the first n, or the first fraction (high noise first)."""
@@ -168,7 +215,8 @@ class RCGRPOConfig:
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path) -> "RCGRPOConfig":
+    def read_yaml(cls, path) -> dict:
+        """The field values of a YAML file (checked: a mapping of known fields)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
@@ -178,7 +226,14 @@ class RCGRPOConfig:
             raise ValueError(f"config file {str(path)!r} is not valid YAML ({exc})") from None
         if not isinstance(values, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value")
-        return cls.from_dict(values, source=f"config file {str(path)!r}")
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"config file {str(path)!r}: unknown keys {unknown}; known keys are the fields of RCGRPOConfig")
+        return values
+
+    @classmethod
+    def from_yaml(cls, path) -> "RCGRPOConfig":
+        return cls.from_dict(cls.read_yaml(path), source=f"config file {str(Path(path))!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,24 +246,37 @@ class RCGRPOConfig:
 
     @classmethod
     def field_docs(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def resume_changes(saved: dict, config: RCGRPOConfig) -> tuple[dict, dict]:
+    """(fixed, changed): fields that differ between a checkpoint's saved config and `config`, split into
+    those a resume cannot change (`RESUME_FIXED`) and those it applies. Each maps name → (saved, new)."""
+    fixed, changed = {}, {}
+    for name, new in config.to_dict().items():
+        if name not in saved or saved[name] == new or name == "output_dir":
+            continue
+        (fixed if name in RESUME_FIXED else changed)[name] = (saved[name], new)
+    return fixed, changed
 
 
 PRESETS: dict[str, dict] = {
     # Offline, CPU, minutes: the built-in "make the square red" task on the tiny random model.
+    # perturbation="global" would use σ = alpha_edit = 0.5 (global_sigma unset).
     "tiny": dict(
         model="tiny", dataset="squares", resolution=32, max_sequence_length=16, group_size=8, groups_per_step=2,
         num_inference_steps=4, num_anchors=4, reward_funcs=["redness", "background_psnr"], reward_weights=[1.0, 0.002],
         w_acd=0.5, acd_layers=4, lora_rank=8, lora_alpha=8.0, learning_rate=1e-2, max_steps=80, train_size=16,
         eval_size=8, checkpoint_every=20, sample_every=20, max_grad_norm=1.0, alpha_edit=0.5,
     ),
-    # One H100: FLUX.1-Kontext-dev at 512 px (see the README recipe).
+    # One H100: FLUX.1-Kontext-dev at 512 px (see the README recipe); global σ = alpha_edit = 0.3.
     "kontext-512": dict(
         model="black-forest-labs/FLUX.1-Kontext-dev", resolution=512, group_size=12, num_anchors=4,
         num_inference_steps=28, train_timesteps="8", mixed_precision="bf16", gradient_checkpointing=True,
         lora_rank=32, lora_alpha=32.0, learning_rate=1e-4, reward_funcs=["background_psnr", "clip_lct"],
         max_steps=300, checkpoint_every=25, sample_every=25,
     ),
+    # One H100 at 1024 px: states offloaded, 2 transitions per backward; global σ = alpha_edit = 0.3.
     "kontext-1024": dict(
         model="black-forest-labs/FLUX.1-Kontext-dev", resolution=1024, group_size=12, num_anchors=4,
         num_inference_steps=28, train_timesteps="8", train_step_chunk=2, mixed_precision="bf16",
@@ -226,50 +294,70 @@ def preset(name: str, **overrides) -> RCGRPOConfig:
     return RCGRPOConfig.from_dict(values, source=f"preset {name!r}")
 
 
-def parse_override(name: str, text: str):
-    """Convert a CLI string to the type of config field `name`."""
-    fields = {f.name: f for f in dataclasses.fields(RCGRPOConfig)}
-    if name not in fields:
-        raise ValueError(f"unknown config field --{name.replace('_', '-')}")
-    kind = _field_type(fields[name])
-    try:
-        if kind is bool:
-            lowered = text.lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError
-            return lowered in ("1", "true", "yes")
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-        if kind is list:
-            return [_scalar(v) for v in text.split(",") if v.strip()]
-        return text
-    except ValueError:
-        raise ValueError(f"--{name.replace('_', '-')}: expected {kind.__name__}, got {text!r}") from None
-
-
-def _scalar(text: str):
-    text = text.strip()
-    try:
-        return float(text) if any(c in text for c in ".e") and not text.isalpha() else int(text)
-    except ValueError:
-        return text
+@functools.lru_cache(maxsize=1)
+def _hints() -> dict:
+    return typing.get_type_hints(RCGRPOConfig)
 
 
 def _field_type(f):
-    hints = typing.get_type_hints(RCGRPOConfig)
-    kind = hints[f.name]
-    return typing.get_origin(kind) or kind
+    """The runtime kind of a field: bool, int, float, str or list (Optional and Literal unwrapped)."""
+    kind = _hints()[f.name]
+    origin = typing.get_origin(kind)
+    if origin is typing.Union:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        origin = typing.get_origin(kind)
+    if origin is Literal:
+        return type(typing.get_args(kind)[0])
+    return origin or kind
+
+
+def _choices(name: str) -> tuple | None:
+    """The allowed values of a `Literal` field (None for other fields)."""
+    kind = _hints()[name]
+    if typing.get_origin(kind) is typing.Union:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    return typing.get_args(kind) if typing.get_origin(kind) is Literal else None
+
+
+def _optional(name: str) -> bool:
+    kind = _hints()[name]
+    return typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+
+
+def _coerce(name, value, kind):
+    """Numbers written as strings ("1e-4" from YAML 1.1, "3" from a flag default) become numbers."""
+    if value is None and _optional(name):
+        return None
+    if isinstance(value, str) and kind in (int, float):
+        try:
+            return kind(value) if kind is float else int(value, 10)
+        except ValueError:
+            return value  # reported by validate() with the field's name
+    if isinstance(value, int) and not isinstance(value, bool) and kind is float:
+        return float(value)
+    if isinstance(value, tuple) and kind is list:
+        return list(value)
+    if kind is list and isinstance(value, list) and name == "reward_weights":
+        return [_coerce("_", v, float) for v in value]
+    if name == "train_timesteps" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 def _check_type(name, value, kind):
+    if value is None and _optional(name):
+        return
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, (str, int, float)) and not isinstance(value, bool) if name == "train_timesteps" else isinstance(value, str),
-        list: isinstance(value, (list, tuple)),
+        str: isinstance(value, str),
+        list: isinstance(value, list),
     }.get(kind, True)
+    if ok and kind is list and name == "reward_weights":
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     if not ok:
         raise ValueError(f"config {name}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    choices = _choices(name)
+    if choices and value not in choices:
+        raise ValueError(f"config {name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")

@@ -113,9 +113,10 @@ def write_training_report(trainer, *, before: float | None, after: float | None,
 def save_example_heatmap(trainer, item, index: int, path) -> None:
     """ACD heatmap (mean over layers and steps) of the deterministic edit `trainer.edit_example` makes."""
     size = trainer.config.resolution
-    image, mask, *_ = example_at_resolution(item, index, size)
+    image, mask, instruction, *_ = example_at_resolution(item, index, size)
     token_mask = token_mask_for_image(mask, size, size, trainer.pipe.vae_scale_factor)
-    with trainer.recorder.capture(token_mask.to(trainer.device)) as cap:
+    weights = trainer.acd_text_weights(instruction)
+    with trainer.recorder.capture(token_mask.to(trainer.device), text_weights=weights) as cap:
         trainer.edit_example(item, index)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image, mask = upscale_for_display(image), upscale_for_display(mask[None])[0]

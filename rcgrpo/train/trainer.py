@@ -1,37 +1,43 @@
 """`RCGRPOTrainer`: the RC-GRPO loop (SPEC §3-7) on a stock FluxKontextPipeline with a peft LoRA.
 
 One step: for each group (one example) build G RDP noises, roll them out under θ_old without grad
-while the ACD processor records attention mass, decode, score with the reward functions,
-standardize rewards over the global minibatch and form group advantages; then for B anchors and
-the train transitions predict one Euler step under θ (with grad), score the stored candidate
-states under the surrogate policy, and minimize the clipped objective over the LoRA parameters.
+while the ACD processor records the instruction's attention mass, decode, score with the reward
+functions, standardize rewards over the global minibatch (all groups of all ranks) and form group
+advantages; then, one group at a time, predict one Euler step under θ for B anchors and the train
+transitions, score the stored candidate states under the surrogate policy, and minimize the clipped
+objective over the LoRA parameters (`rcgrpo.train.update`).
 
-Data parallel over processes through `accelerate` (groups are sharded by rank, reward statistics
-and gradients are reduced over all ranks, rank 0 logs and saves).
+Data parallel over processes through `accelerate`: groups are sharded by global slot, reward
+statistics, gradients, stop requests and logged metrics are reduced over all ranks
+(`rcgrpo.train.distributed`), every rank joins every collective whatever its local work, and only
+the main process writes files.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..flux.rollout import background_drift, decode_latents, latent_shape, predict_velocity, rollout
+from ..flux.rollout import background_drift, decode_latents, latent_shape, rollout
+from ..flux.text import acd_text_weights, encode_prompt
 from ..method.advantages import combine_rewards, group_advantages
 from ..method.masks import element_mask, token_mask_for_image
-from ..method.policy import grpo_loss, surrogate_log_probs
 from ..method.rdp import region_decoupled_noise
-from .checkpoints import (clean_run_directory, list_checkpoints, prune_checkpoints, read_checkpoint,
-                          set_rng_state, write_checkpoint, write_lora)
-from .config import RCGRPOConfig
-from .data import as_edit_example, example_at_resolution, resize_example
+from .checkpoints import (clean_run_directory, list_checkpoints, prune_checkpoints, read_checkpoint, set_rng_state,
+                          write_checkpoint, write_lora)
+from .config import RCGRPOConfig, resume_changes
+from .data import example_at_resolution, resize_example
+from .distributed import Collectives
+from .metrics import GroupSummary, MovingAverage, RowLayout, step_metrics
 from .phases import Phases
+from .signals import StopRequest
+from .tracking import RunLog, check_trackers
+from .update import SurrogateUpdate
 
 
 class BadRewardError(RuntimeError):
@@ -58,11 +64,6 @@ class GroupRollout:
     advantages: torch.Tensor | None = None
 
 
-@dataclass
-class StepMetrics:
-    values: dict = field(default_factory=dict)
-
-
 class RCGRPOTrainer:
     """Train a LoRA on `pipeline.transformer` with RC-GRPO.
 
@@ -71,37 +72,39 @@ class RCGRPOTrainer:
         config: `RCGRPOConfig`.
         reward_funcs: callables `(edited, sources, masks, instructions, metadata) -> Tensor[B]`, or
             `(name, callable)` pairs; weights come from `config.reward_weights` (default 1).
-        train_dataset / eval_dataset: indexable datasets of edit examples (see `as_edit_example`).
-        accelerator: an `accelerate.Accelerator` (one is created when None).
+        train_dataset / eval_dataset: indexable datasets of edit examples (see `train.data.as_edit_example`).
+        accelerator: an `accelerate.Accelerator` (one is created when None, logging to `config.report_to`).
     """
 
     def __init__(self, pipeline, config: RCGRPOConfig, reward_funcs, train_dataset, eval_dataset=None, *,
                  accelerator=None):
-        from accelerate import Accelerator
-
         config.validate()
         self.config = config
         self.pipe = pipeline
         self.transformer = pipeline.transformer
+        self.output_dir = Path(config.output_dir)
         if accelerator is None:
-            cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-            accelerator = Accelerator(cpu=cpu)
+            accelerator = _make_accelerator(config, self.output_dir)
         self.accelerator = accelerator
         self.device = accelerator.device
+        self.collectives = Collectives(accelerator)
         if len(train_dataset) == 0:
             raise ValueError("train_dataset is empty")
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.reward_funcs = self._named_rewards(reward_funcs)
-        self.output_dir = Path(config.output_dir)
+        self.rows = RowLayout(config.group_size, [name for name, _, _ in self.reward_funcs])
         self.step = 0
         self.nonfinite_in_row = 0
-        self.skipped_groups = 0
+        self.skipped_groups = 0  # by this process since it started
         self.skipped_examples = 0
-        self._stop_signal: int | None = None
+        self.total_skipped = [0, 0]  # (groups, examples) over all ranks and the whole run (logged, checkpointed)
+        self.reward_ema = MovingAverage()
+        self._step_skips = [0, 0]  # this rank's skipped (groups, examples) in the current step
         self._text_cache: dict[str, tuple] = {}
-        self._writer = None
+        self.stop = StopRequest()
         self.phases = Phases()
+        self.run_log = RunLog(self.output_dir, accelerator, _config_for_saving(config))
         self.pipe.to(self.device)
         if config.vae_slicing:
             self.pipe.vae.enable_slicing()
@@ -116,6 +119,7 @@ class RCGRPOTrainer:
             config.lr_scheduler, self.optimizer, num_warmup_steps=config.warmup_steps,
             num_training_steps=config.max_steps * config.inner_epochs,
         )
+        self.update = SurrogateUpdate(self.transformer, config, self.phases, self.device, self._autocast)
         self.recorder = None
         if config.w_acd > 0:
             from ..flux.attention import attach_acd
@@ -165,11 +169,15 @@ class RCGRPOTrainer:
     def _step_slots(self, step: int) -> list[tuple[int, int]]:
         """This process's (global slot, dataset index) pairs for `step`."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        total = world * self.config.groups_per_step * self.config.gradient_accumulation_steps
+        total = world * self.slots_per_rank
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         order = torch.cat([torch.randperm(len(self.train_dataset), generator=gen)
                            for _ in range(math.ceil(total / len(self.train_dataset)))])[:total]
         return [(slot, int(order[slot])) for slot in range(rank, total, world)]
+
+    @property
+    def slots_per_rank(self) -> int:
+        return self.config.groups_per_step * self.config.gradient_accumulation_steps
 
     def _seed(self, *parts: int) -> int:
         value = self.config.seed
@@ -177,34 +185,33 @@ class RCGRPOTrainer:
             value = (value * 1_000_003 + int(p)) % (2**62)
         return value
 
-    def set_text_embeddings(self, instruction: str, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor) -> None:
+    def set_text_embeddings(self, instruction: str, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
+                            token_mask: torch.Tensor | None = None) -> None:
         """Use these embeddings (`[1, N_txt, C]`, `[1, C_pool]`) for `instruction` instead of the text
-        encoders (pre-computed embeddings; a pipeline without text encoders)."""
-        self._text_cache[instruction] = (prompt_embeds, pooled_prompt_embeds)
+        encoders (pre-computed embeddings; a pipeline without text encoders). `token_mask` `[N_txt]`
+        marks the instruction's real tokens for ACD (needed with acd_text_tokens='prompt')."""
+        self._text_cache[instruction] = (prompt_embeds, pooled_prompt_embeds, token_mask)
 
-    def _text_embeddings(self, instruction: str):
+    def _text_conditioning(self, instruction: str):
+        """(prompt_embeds or None, pooled or None, ACD text weights `[N_txt]` or None)."""
+        cfg = self.config
         if instruction in self._text_cache:
-            return self._text_cache[instruction]
-        if not self.config.cache_text_embeddings:
-            return None, None
-        if instruction not in self._text_cache:
-            with torch.no_grad():
-                embeds, pooled, _ = self.pipe.encode_prompt(
-                    prompt=instruction, prompt_2=None, device=self.device, num_images_per_prompt=1,
-                    max_sequence_length=self.config.max_sequence_length,
-                )
-            if len(self._text_cache) > 1024:
-                self._text_cache.pop(next(iter(self._text_cache)))
-            self._text_cache[instruction] = (embeds, pooled)
-        return self._text_cache[instruction]
+            embeds, pooled, weights = self._text_cache[instruction]
+            if weights is None and cfg.acd_text_tokens == "prompt" and self.recorder is not None:
+                weights = acd_text_weights(self.pipe, instruction, cfg.max_sequence_length, "prompt")
+            return embeds, pooled, weights if cfg.acd_text_tokens == "prompt" else None
+        weights = None
+        if self.recorder is not None:
+            weights = acd_text_weights(self.pipe, instruction, cfg.max_sequence_length, cfg.acd_text_tokens)
+        if not cfg.cache_text_embeddings:
+            return None, None, weights
+        embeds, pooled = encode_prompt(self.pipe, instruction, cfg.max_sequence_length, self.device)
+        if len(self._text_cache) > 1024:
+            self._text_cache.pop(next(iter(self._text_cache)))
+        self._text_cache[instruction] = (embeds, pooled, weights)
+        return embeds, pooled, weights
 
     # ------------------------------------------------------------------ rollouts and rewards
-    def _perturbation(self) -> tuple[float, float]:
-        cfg = self.config
-        if cfg.perturbation == "global":
-            return cfg.global_sigma, cfg.global_sigma
-        return cfg.alpha_edit, cfg.alpha_base
-
     @torch.no_grad()
     def rollout_group(self, slot: int, index: int, step: int) -> GroupRollout | None:
         cfg = self.config
@@ -218,17 +225,18 @@ class RCGRPOTrainer:
         except ValueError as exc:
             if cfg.skip_bad_examples:
                 warnings.warn(f"skipping {exc}")
+                self._step_skips[1] += 1
                 self.skipped_examples += 1
                 return None
             raise
         n_img, channels = latent_shape(self.pipe, height, width)
-        alpha_edit, alpha_base = self._perturbation()
+        alpha_edit, alpha_base = cfg.perturbation_scales()
         dtype = self.transformer.dtype
         noises = region_decoupled_noise(
             (n_img, channels), token_mask[:, None], group_size=cfg.group_size, alpha_edit=alpha_edit,
             alpha_base=alpha_base, generator=torch.Generator().manual_seed(self._seed(step, slot, 1)),
         ).to(device=self.device, dtype=dtype)
-        embeds, pooled = self._text_embeddings(instruction)
+        embeds, pooled, text_weights = self._text_conditioning(instruction)
         source = image[None].to(device=self.device, dtype=dtype)
         kwargs = dict(num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, height=height,
                       width=width, max_sequence_length=cfg.max_sequence_length, prompt_embeds=embeds,
@@ -236,7 +244,7 @@ class RCGRPOTrainer:
         acd = None
         with self.phases("rollout"):
             if self.recorder is not None:
-                with self.recorder.capture(token_mask.to(self.device)) as cap:
+                with self.recorder.capture(token_mask.to(self.device), text_weights=text_weights) as cap:
                     result = rollout(self.pipe, source, instruction, noises, **kwargs)
                 acd = cap.reward().float().cpu()
             else:
@@ -255,6 +263,7 @@ class RCGRPOTrainer:
         except BadRewardError as exc:
             if cfg.bad_reward_policy == "skip":
                 warnings.warn(f"skipping group of example {example_id!r}: {exc}")
+                self._step_skips[0] += 1
                 self.skipped_groups += 1
                 return None
             raise
@@ -270,33 +279,24 @@ class RCGRPOTrainer:
             task_reward=task.cpu(), acd=acd, images=images.cpu(), background_drift=drift.cpu(),
         )
 
-    def _global_stats(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and population std of `values` over all processes."""
-        local = torch.stack([values.new_tensor(values.numel(), dtype=torch.float64),
-                             values.double().sum(), values.double().square().sum()]).to(self.device)
-        if self.accelerator.num_processes > 1:
-            local = self.accelerator.reduce(local, reduction="sum")
-        count, total, sq = local.cpu().tolist()
-        mean = total / max(count, 1)
-        var = max(sq / max(count, 1) - mean * mean, 0.0)
-        return torch.tensor(mean), torch.tensor(math.sqrt(var))
-
-    def compute_advantages(self, groups: list[GroupRollout]) -> None:
+    def compute_advantages(self, groups: list[GroupRollout]) -> int:
+        """Set each group's advantages from rewards standardized over all ranks' groups (SPEC §6);
+        returns the number of groups of the step over all ranks. Every rank calls the same reductions."""
         cfg = self.config
         task = torch.cat([g.task_reward for g in groups]) if groups else torch.zeros(0)
-        task_stats = self._global_stats(task)
-        acd = None
-        acd_stats = None
-        if cfg.w_acd > 0 and groups and groups[0].acd is not None:
-            acd = torch.cat([g.acd for g in groups])
-            acd_stats = self._global_stats(acd)
-        if not groups:
-            return
-        combined = combine_rewards(task, acd, w_task=cfg.w_task, w_acd=cfg.w_acd, task_stats=task_stats,
-                                   acd_stats=acd_stats)
-        adv = group_advantages(combined, cfg.group_size, mode=cfg.advantage, p=cfg.quasi_norm_p)
-        for i, g in enumerate(groups):
-            g.advantages = adv[i * cfg.group_size : (i + 1) * cfg.group_size]
+        task_mean, task_std, count = self.collectives.mean_std(task)
+        acd = acd_stats = None
+        if self.recorder is not None:  # known to every rank, unlike whether its groups survived
+            acd = torch.cat([g.acd for g in groups]) if groups else torch.zeros(0)
+            mean, std, _ = self.collectives.mean_std(acd)
+            acd_stats = (mean, std)
+        if groups:
+            combined = combine_rewards(task, acd, w_task=cfg.w_task, w_acd=cfg.w_acd,
+                                       task_stats=(task_mean, task_std), acd_stats=acd_stats)
+            adv = group_advantages(combined, cfg.group_size, mode=cfg.advantage, p=cfg.quasi_norm_p)
+            for i, g in enumerate(groups):
+                g.advantages = adv[i * cfg.group_size : (i + 1) * cfg.group_size]
+        return count // cfg.group_size
 
     # ------------------------------------------------------------------ update
     def _anchors(self, step: int, slot: int, epoch: int) -> torch.Tensor:
@@ -310,72 +310,29 @@ class RCGRPOTrainer:
 
     def group_loss_backward(self, group: GroupRollout, step: int, epoch: int, weight: float) -> dict:
         """Backward of `weight ×` the group's objective, in chunks of train transitions; returns stats."""
-        cfg = self.config
-        anchors = self._anchors(step, group.slot, epoch)
-        train_j = cfg.train_timestep_indices(group.sigmas.shape[0] - 1)
-        stats_acc: dict[str, float] = {}
-        total_loss = 0.0
-        dim = group.mask.shape[0]
-        for c0 in range(0, len(train_j), cfg.train_step_chunk):
-            chunk = torch.tensor(train_j[c0 : c0 + cfg.train_step_chunk])
-            n_chunk, n_anchor = len(chunk), len(anchors)
-            x_j = group.states[anchors][:, chunk].to(self.device)  # [B, c, N, C]
-            x_j = x_j.reshape(n_anchor * n_chunk, *x_j.shape[2:])
-            t_j = group.timesteps[chunk].repeat(n_anchor).to(self.device)
-            sigma = group.sigmas[chunk].repeat(n_anchor).to(self.device)
-            sigma_next = group.sigmas[chunk + 1].repeat(n_anchor).to(self.device)
-            with self.phases("anchor_forward"), self._autocast():
-                v = predict_velocity(self.transformer, group.conditioning, x_j, t_j)
-            dt = (sigma_next - sigma).float()[:, None, None]
-            pred = x_j.float() + dt * v.float()  # x̄^(k)_{j+1}(θ), fp32
-            pred = pred.reshape(n_anchor, n_chunk, dim).transpose(0, 1)  # [c, B, D]
-            states_next = group.states[:, chunk + 1].to(self.device).float().reshape(cfg.group_size, n_chunk, dim)
-            states_next = states_next.transpose(0, 1).contiguous()  # [c, G, D]
-            old_pred = states_next[:, anchors]  # x̄^(k)_{j+1}(old) = the stored state
-            dist_kwargs = dict(tau_edit=cfg.tau_edit, tau_base=cfg.tau_base, scale=cfg.distance_scale,
-                               eps=cfg.distance_eps, backend=cfg.distance_backend)
-            with self.phases("distances"):
-                anchor_in = self.phases.wrap_inputs(pred.contiguous(), "distances")
-                log_probs = surrogate_log_probs(states_next, anchor_in, group.mask, **dist_kwargs)
-                log_probs = self.phases.wrap_outputs(log_probs, "distances")
-                with torch.no_grad():
-                    old_log_probs = surrogate_log_probs(states_next, old_pred.contiguous(), group.mask, **dist_kwargs)
-            ref_pred = None
-            if cfg.beta > 0:
-                with torch.no_grad(), self._autocast():
-                    self.transformer.disable_adapters()
-                    try:
-                        v_ref = predict_velocity(self.transformer, group.conditioning, x_j, t_j)
-                    finally:
-                        self.transformer.enable_adapters()
-                ref_pred = (x_j.float() + dt * v_ref.float()).reshape(n_anchor, n_chunk, dim).transpose(0, 1)
-            loss, stats = grpo_loss(log_probs, old_log_probs, group.advantages.to(self.device), clip_eps=cfg.clip_eps,
-                                    beta=cfg.beta, anchor_pred=pred, anchor_ref=ref_pred, return_stats=True)
-            share = n_chunk / len(train_j)
-            (loss * share * weight).backward()
-            total_loss += float(loss.detach()) * share
-            for key, value in vars(stats).items():
-                stats_acc[key] = stats_acc.get(key, 0.0) + value * share
-        stats_acc["loss"] = total_loss
-        return stats_acc
+        return self.update.backward(group, self._anchors(step, group.slot, epoch), weight)
 
-    def _reduce_gradients(self) -> None:
+    def _reduce_gradients(self, loss_sum: float) -> float:
+        """Sum the LoRA gradients (already weighted by 1/global groups) and the losses over ranks, in one
+        collective; returns the global loss sum. A rank without groups contributes zeros."""
         if self.accelerator.num_processes == 1:
-            return
+            return loss_sum
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.lora_parameters]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = self.accelerator.reduce(flat, reduction="mean")
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss_sum], device=grads[0].device)])
+        flat = self.accelerator.reduce(flat.to(self.device), reduction="sum")
         offset = 0
         for p in self.lora_parameters:
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone()
             offset += n
+        return float(flat[-1])
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
         cfg = self.config
         start = time.perf_counter()
         step = self.step
+        self._step_skips = [0, 0]
         groups = []
         for slot, index in self._step_slots(step):
             group = self.rollout_group(slot, index, step)
@@ -383,36 +340,46 @@ class RCGRPOTrainer:
                 groups.append(group)
         rollout_time = time.perf_counter() - start
         with self.phases("advantages"):
-            self.compute_advantages(groups)
-        epoch_stats: list[dict] = []
+            n_global = self.compute_advantages(groups)
+        epoch_stats: list[list[dict]] = []
         grad_norm = float("nan")
-        skipped_update = False
-        with self.phases("update"):
-            for epoch in range(cfg.inner_epochs):
-                self.optimizer.zero_grad(set_to_none=True)
-                stats = [self.group_loss_backward(g, step, epoch, 1.0 / len(groups)) for g in groups]
-                epoch_stats.extend(stats)
-                self._reduce_gradients()
-                loss_value = sum(s["loss"] for s in stats) / max(len(stats), 1)
-                with self.phases("optimizer"):
-                    grad_norm = self._clip_and_norm()
-                    finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-                    if finite:
-                        self.optimizer.step()
-                        self.lr_scheduler.step()
-                if not finite:
-                    self.nonfinite_in_row += 1
-                    skipped_update = True
-                    self.optimizer.zero_grad(set_to_none=True)
-                    warnings.warn(f"step {step}: non-finite loss or gradient (loss {loss_value}, grad norm "
-                                  f"{grad_norm}); update skipped ({self.nonfinite_in_row} in a row)")
-                    if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
-                        raise RuntimeError(f"stopping: {self.nonfinite_in_row} consecutive non-finite steps "
-                                           f"(max_nonfinite_steps = {cfg.max_nonfinite_steps})")
-                    break
-                self.nonfinite_in_row = 0
-        return self._step_metrics(groups, epoch_stats, grad_norm, skipped_update, rollout_time,
+        skipped_update = n_global == 0
+        policy_kl = None
+        if n_global:
+            with self.phases("update"):
+                grad_norm, skipped_update = self._update(groups, step, n_global, epoch_stats)
+            if cfg.log_policy_kl:
+                local = sum(self.update.policy_kl(g, self._anchors(step, g.slot, 0)) for g in groups)
+                policy_kl = float(self.collectives.sum(torch.tensor([local]))[0]) / n_global
+        return self._step_metrics(groups, epoch_stats, grad_norm, skipped_update, policy_kl, rollout_time,
                                   time.perf_counter() - start)
+
+    def _update(self, groups, step: int, n_global: int, epoch_stats: list) -> tuple[float, bool]:
+        cfg = self.config
+        grad_norm, skipped = float("nan"), False
+        for epoch in range(cfg.inner_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            stats = [self.group_loss_backward(g, step, epoch, 1.0 / n_global) for g in groups]
+            epoch_stats.append(stats)
+            loss_value = self._reduce_gradients(sum(s["loss"] for s in stats)) / n_global
+            with self.phases("optimizer"):
+                grad_norm = self._clip_and_norm()
+                finite = math.isfinite(loss_value) and math.isfinite(grad_norm)  # global: the same on every rank
+                if finite:
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+            if not finite:
+                self.nonfinite_in_row += 1
+                skipped = True
+                self.optimizer.zero_grad(set_to_none=True)
+                warnings.warn(f"step {step}: non-finite loss or gradient (loss {loss_value}, grad norm "
+                              f"{grad_norm}); update skipped ({self.nonfinite_in_row} in a row)")
+                if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
+                    raise RuntimeError(f"stopping: {self.nonfinite_in_row} consecutive non-finite steps "
+                                       f"(max_nonfinite_steps = {cfg.max_nonfinite_steps})")
+                break
+            self.nonfinite_in_row = 0
+        return grad_norm, skipped
 
     def _clip_and_norm(self) -> float:
         if self.config.max_grad_norm > 0:
@@ -420,42 +387,33 @@ class RCGRPOTrainer:
         grads = [p.grad.detach().float().norm() for p in self.lora_parameters if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
 
-    def _step_metrics(self, groups, stats, grad_norm, skipped, rollout_time, total_time) -> dict:
-        def mean(values):
-            values = [v for v in values if v is not None and math.isfinite(v)]
-            return sum(values) / len(values) if values else None
-
-        task = torch.cat([g.task_reward for g in groups]) if groups else torch.zeros(0)
-        within = [float(g.task_reward.std(correction=0)) for g in groups]
-        drift = torch.cat([g.background_drift for g in groups]).tolist() if groups else []
-        adv = torch.cat([g.advantages for g in groups]) if groups else torch.zeros(0)
-        metrics = {
-            "step": self.step + 1,
-            "loss": mean([s["loss"] for s in stats]),
-            "policy_loss": mean([s["policy_loss"] for s in stats]),
-            "kl_loss": mean([s["kl_loss"] for s in stats]),
-            "reward_mean": float(task.mean()) if task.numel() else None,
-            "reward_std_within_group": mean(within),
-            "reward_std_within_group_values": within,
-            "acd_mean": float(torch.cat([g.acd for g in groups]).mean()) if groups and groups[0].acd is not None else None,
-            "background_drift": mean(drift),
-            "background_drift_values": drift,
-            "advantage_abs_mean": float(adv.abs().mean()) if adv.numel() else None,
-            "advantage_max": float(adv.max()) if adv.numel() else None,
-            "ratio_mean": mean([s["ratio_mean"] for s in stats]),
-            "ratio_max": max([s["ratio_max"] for s in stats], default=None),
-            "clip_fraction": mean([s["clip_fraction"] for s in stats]),
+    def _step_metrics(self, groups, epoch_stats, grad_norm, skipped, policy_kl, rollout_time, total_time) -> dict:
+        """Metrics over all ranks' groups (one gather), the same on every rank."""
+        summaries = []
+        for i, g in enumerate(groups):
+            per_epoch = [epoch[i] for epoch in epoch_stats if i < len(epoch)]
+            stats = {k: sum(s[k] for s in per_epoch) / len(per_epoch) for k in per_epoch[0]} if per_epoch else {}
+            summaries.append(GroupSummary(slot=g.slot, task=g.task_reward, acd=g.acd, drift=g.background_drift,
+                                          advantages=g.advantages if g.advantages is not None
+                                          else torch.zeros(self.config.group_size),
+                                          components=g.task_components, stats=stats))
+        rows = self.collectives.gather(self.rows.pack(summaries, self.slots_per_rank))
+        everyone = self.rows.unpack(rows)
+        skips = self.collectives.sum(torch.tensor(self._step_skips, dtype=torch.float64)).tolist()
+        self.total_skipped = [self.total_skipped[0] + int(skips[0]), self.total_skipped[1] + int(skips[1])]
+        metrics = {"step": self.step + 1, **step_metrics(everyone, self.rows.reward_names)}
+        metrics.update({
+            "reward_ema": self.reward_ema.update(metrics["reward_mean"]),
+            "policy_kl": policy_kl,
             "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
             "lr": self.lr_scheduler.get_last_lr()[0],
-            "groups": len(groups),
-            "skipped_groups": self.skipped_groups,
-            "skipped_examples": self.skipped_examples,
+            "groups": len(everyone),
+            "skipped_groups": self.total_skipped[0],
+            "skipped_examples": self.total_skipped[1],
             "skipped_update": skipped,
             "rollout_time_s": rollout_time,
             "time_s": total_time,
-        }
-        for name, _, _ in self.reward_funcs:
-            metrics[f"reward/{name}"] = float(torch.cat([g.task_components[name] for g in groups]).mean()) if groups else None
+        })
         return metrics
 
     # ------------------------------------------------------------------ evaluation
@@ -478,7 +436,7 @@ class RCGRPOTrainer:
         n_img, channels = latent_shape(self.pipe, cfg.resolution, cfg.resolution)
         noise = torch.randn((1, n_img, channels), generator=torch.Generator().manual_seed(seed + index))
         dtype = self.transformer.dtype
-        embeds, pooled = self._text_embeddings(instruction)
+        embeds, pooled, _ = self._text_conditioning(instruction)
         result = rollout(self.pipe, image[None].to(self.device, dtype), instruction, noise.to(self.device, dtype),
                          num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, height=cfg.resolution,
                          width=cfg.resolution, max_sequence_length=cfg.max_sequence_length, prompt_embeds=embeds,
@@ -491,6 +449,10 @@ class RCGRPOTrainer:
             total += w * float(_check_reward(fn(edited, source, mask, [instruction], [metadata]), 1, name)[0])
         return edited[0].cpu(), total
 
+    def acd_text_weights(self, instruction: str) -> torch.Tensor | None:
+        """The ACD text weights the trainer uses for `instruction` (config `acd_text_tokens`)."""
+        return self._text_conditioning(instruction)[2]
+
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
         """Run until `config.max_steps`; returns the last step's metrics."""
@@ -500,90 +462,49 @@ class RCGRPOTrainer:
             _prepare_output_dir(self.output_dir)
             clean_run_directory(self.output_dir)
         self.accelerator.wait_for_everyone()
+        self.run_log.start(self.step)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not is_main, desc="rc-grpo", dynamic_ncols=True)
-        self._stop_signal = None
-        previous = self._install_signal_handlers()
         metrics: dict = {}
+        self.stopped_by_signal = None
         try:
-            while self.step < cfg.max_steps:
-                metrics = self.train_step()
-                self.step += 1
-                if is_main:
+            with self.stop.installed():
+                while self.step < cfg.max_steps:
+                    metrics = self.train_step()
+                    self.step += 1
                     if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                        self._log(metrics)
-                    if cfg.sample_every and self.step % cfg.sample_every == 0:
+                        self.run_log.log(metrics)
+                    if is_main and cfg.sample_every and self.step % cfg.sample_every == 0:
                         self._save_samples()
                     bar.update(1)
-                    bar.set_postfix(reward=_fmt(metrics.get("reward_mean")), loss=_fmt(metrics.get("loss")))
-                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self._stop_signal is not None:
-                    self.save_checkpoint()
-                if self._stop_signal is not None:
-                    if is_main:
-                        print(f"received signal {self._stop_signal}: checkpoint saved at step {self.step}, stopping")
-                    break
-            if self._stop_signal is None:
+                    bar.set_postfix(reward=_fmt(metrics.get("reward_mean")), kl=_fmt(metrics.get("policy_kl"), 5))
+                    signum = self.collectives.max_int(self.stop.signum or 0)  # any rank's request stops all
+                    if signum:
+                        self.stopped_by_signal = signum
+                    if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or signum:
+                        self.save_checkpoint()
+                    if signum:
+                        if is_main:
+                            print(f"received signal {signum}: checkpoint saved at step {self.step}, stopping")
+                        break
+            if self.stopped_by_signal is None:
                 self.save_checkpoint()
                 if is_main:
                     self.save_lora(self.output_dir / "lora")
+                self.accelerator.wait_for_everyone()
         finally:
             bar.close()
-            self._restore_signal_handlers(previous)
-            if self._writer is not None:
-                self._writer.flush()
+            self.run_log.finish()
         return metrics
 
-    @property
-    def stopped_by_signal(self) -> int | None:
-        """The signal (SIGINT/SIGTERM) that ended the last `train()` early, or None."""
-        return self._stop_signal
-
-    def _install_signal_handlers(self):
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def request_stop(signum, _frame):
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C does not wait for the step to finish
-            self._stop_signal = signum
-
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, request_stop)
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous):
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    def _log(self, metrics: dict) -> None:
-        line = json.dumps(metrics, allow_nan=False, default=float)
-        with open(self.output_dir / "metrics.jsonl", "a") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-        if self.config.tensorboard:
-            writer = self._tensorboard()
-            if writer is not None:
-                for key, value in metrics.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
-                        writer.add_scalar(key, value, metrics["step"])
-
-    def _tensorboard(self):
-        if self._writer is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self.config.tensorboard = False
-                return None
-            self._writer = SummaryWriter(str(self.output_dir / "tensorboard"))
-        return self._writer
+    stopped_by_signal: int | None = None
+    """The signal (SIGINT/SIGTERM, on any rank) that ended the last `train()` early, or None."""
 
     def _save_samples(self) -> None:
         from ..io.images import image_grid, save_image
+        from .data import as_edit_example
+        from .report import save_example_heatmap, upscale_for_display
 
         dataset = self.eval_dataset if self.eval_dataset is not None and len(self.eval_dataset) else self.train_dataset
         tiles = []
@@ -593,11 +514,16 @@ class RCGRPOTrainer:
             if image.shape[1:] != edited.shape[1:]:
                 image, _ = resize_example(image, torch.ones(image.shape[1:]), edited.shape[1])
             tiles += [image, edited]
-        save_image(image_grid(tiles, columns=2), self.output_dir / "samples" / f"step-{self.step:06d}.png")
+        grid = image_grid([upscale_for_display(t, 128) for t in tiles], columns=2)
+        save_image(grid, self.output_dir / "samples" / f"step-{self.step:06d}.png")
+        images = {"samples/edits": _hwc_uint8(grid)}
         if self.recorder is not None:
-            from .report import save_example_heatmap
+            path = self.output_dir / "samples" / f"acd-step-{self.step:06d}.png"
+            save_example_heatmap(self, dataset[0], 0, path)
+            from ..io.images import load_image
 
-            save_example_heatmap(self, dataset[0], 0, self.output_dir / "samples" / f"acd-step-{self.step:06d}.png")
+            images["samples/acd"] = _hwc_uint8(load_image(path))
+        self.run_log.log_images(images, self.step)
 
     # ------------------------------------------------------------------ checkpoints
     def lora_state_dict(self) -> dict:
@@ -612,22 +538,33 @@ class RCGRPOTrainer:
     def save_checkpoint(self) -> Path | None:
         """Write `output_dir/checkpoint-<step>/` completely or not at all (rank 0); keep the last N."""
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
-        state = {"step": self.step, "nonfinite_in_row": self.nonfinite_in_row,
-                 "skipped_groups": self.skipped_groups, "skipped_examples": self.skipped_examples,
-                 "config": _config_for_saving(self.config)}
-        final = write_checkpoint(self.output_dir, self.step, lora_state=self.lora_state_dict(),
-                                 optimizer_state=self.optimizer.state_dict(),
-                                 scheduler_state=self.lr_scheduler.state_dict(), trainer_state=state)
-        prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        final = None
+        if self.accelerator.is_main_process:
+            state = {"step": self.step, "nonfinite_in_row": self.nonfinite_in_row,
+                     "skipped_groups": self.total_skipped[0], "skipped_examples": self.total_skipped[1],
+                     "reward_ema": self.reward_ema.state_dict(), "config": _config_for_saving(self.config)}
+            final = write_checkpoint(self.output_dir, self.step, lora_state=self.lora_state_dict(),
+                                     optimizer_state=self.optimizer.state_dict(),
+                                     scheduler_state=self.lr_scheduler.state_dict(), trainer_state=state)
+            prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
         return final
 
-    def load_checkpoint(self, path) -> None:
-        """Restore LoRA, optimizer, scheduler, RNG and step from a complete checkpoint directory."""
+    def load_checkpoint(self, path) -> dict:
+        """Restore LoRA, optimizer, scheduler, RNG and step from a complete checkpoint directory.
+
+        The checkpoint's config is compared with this trainer's: a change of the model or the LoRA's
+        shape (`RESUME_FIXED`) is refused with ValueError; other changes (learning rate, max steps,
+        logging, ...) are applied and returned as {field: (saved, new)}.
+        """
         from peft.utils import set_peft_model_state_dict
 
         ckpt = read_checkpoint(path)
+        fixed, changed = resume_changes(ckpt.state.get("config", {}), self.config)
+        if fixed:
+            what = ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in fixed.items())
+            raise ValueError(f"--resume {str(ckpt.path)!r}: the checkpoint was trained with other settings that a "
+                             f"resume cannot change ({what}); start a new run instead")
         result = set_peft_model_state_dict(self.transformer, ckpt.lora, adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
@@ -636,24 +573,60 @@ class RCGRPOTrainer:
             p.data = p.data.float()
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.lr_scheduler.load_state_dict(ckpt.scheduler)
+        self._apply_optimizer_config()
         set_rng_state(ckpt.rng)
         self.step = int(ckpt.state["step"])
         self.nonfinite_in_row = int(ckpt.state.get("nonfinite_in_row", 0))
-        self.skipped_groups = int(ckpt.state.get("skipped_groups", 0))
-        self.skipped_examples = int(ckpt.state.get("skipped_examples", 0))
+        self.total_skipped = [int(ckpt.state.get("skipped_groups", 0)), int(ckpt.state.get("skipped_examples", 0))]
+        self.reward_ema = MovingAverage(**ckpt.state.get("reward_ema", {}))
+        return changed
 
-    def resume(self, output_dir=None) -> bool:
-        """Load the newest complete checkpoint under `output_dir` (default: the run's); False if none."""
-        ckpts = list_checkpoints(Path(output_dir) if output_dir else self.output_dir)
-        if not ckpts:
+    def _apply_optimizer_config(self) -> None:
+        """After loading optimizer and scheduler states, use this config's learning rate, betas and weight
+        decay (a saved optimizer state carries the old ones)."""
+        cfg = self.config
+        scheduler = self.lr_scheduler
+        scheduler.base_lrs = [cfg.learning_rate for _ in self.optimizer.param_groups]
+        factors = [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas] if hasattr(scheduler, "lr_lambdas") \
+            else [1.0] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, factors):
+            group["lr"] = cfg.learning_rate * factor
+            group["initial_lr"] = cfg.learning_rate
+            group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+            group["weight_decay"] = cfg.weight_decay
+        scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def resume(self, path=None) -> bool:
+        """Load the checkpoint `path` (a `checkpoint-N` directory) or the newest complete one of the run
+        directory `path` (default: the run's); False when the run has none. The config changes applied
+        (field → (saved, new)) are in `self.resume_changes`."""
+        from .checkpoints import find_checkpoint
+
+        target = Path(path) if path else self.output_dir
+        if not path and not list_checkpoints(target):
             return False
-        self.load_checkpoint(ckpts[-1])
+        self.resume_changes = self.load_checkpoint(find_checkpoint(target))
         return True
+
+    resume_changes: dict = {}
 
 
 # ---------------------------------------------------------------------- helpers
+def _make_accelerator(config: RCGRPOConfig, output_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = config.trackers()
+    check_trackers(trackers)
+    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
+    return Accelerator(cpu=cpu, log_with=trackers or None, project_config=project)
+
+
 def _prepare_output_dir(directory: Path) -> None:
     """Create the run directory and check that files can be written in it."""
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"output directory {str(directory)!r} is a file")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-test-{os.getpid()}"
@@ -687,5 +660,9 @@ def _check_reward(values, batch: int, name: str) -> torch.Tensor:
         raise BadRewardError(str(exc)) from None
 
 
-def _fmt(value):
-    return "-" if value is None else f"{value:.4f}"
+def _hwc_uint8(image: torch.Tensor):
+    return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype("uint8")
+
+
+def _fmt(value, digits: int = 4):
+    return "-" if value is None else f"{value:.{digits}f}"
