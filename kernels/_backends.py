@@ -9,7 +9,6 @@ per reason (`warn_fallback`); `python -m rcgrpo_kernels` lists the fallbacks tha
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
@@ -24,8 +23,19 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+# The import probes run once per process; their results live in a plain dict, which torch.compile
+# reads as constants (once probed eagerly, the public ops trace without touching importlib, so a
+# function calling them compiles with fullgraph=True).
+_PROBES: dict[str, str | None] = {}
+
+
 def _triton_import_error() -> str | None:
+    if "triton" not in _PROBES:
+        _PROBES["triton"] = _probe_triton()
+    return _PROBES["triton"]
+
+
+def _probe_triton() -> str | None:
     try:
         importlib.import_module("triton")
         importlib.import_module("triton.language")
@@ -34,8 +44,13 @@ def _triton_import_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def _cpp_import_error() -> str | None:
+    if "cpp" not in _PROBES:
+        _PROBES["cpp"] = _probe_cpp()
+    return _PROBES["cpp"]
+
+
+def _probe_cpp() -> str | None:
     try:
         importlib.import_module("rcgrpo_kernels._C")
     except Exception as exc:  # noqa: BLE001
