@@ -10,8 +10,8 @@ for which EditScore field becomes the reward), and point the trainer at it:
 Endpoints (one request per connection: every answer carries `Connection: close` and `X-Request-Id`):
 - `POST /score`: the format of `rcgrpo.rewards.protocol`; answers 200 `{"scores": [...], "request_id"}`.
 - `GET /health`: `{"status": "ok", "scorer", "auth", "limits", "queue"}` (no token needed).
-- `GET /metrics`: request counts by status and path, latency quantiles (p50/p90/p99/max) of the last
-  4096 requests per path, queue depth (needs the token when one is set).
+- `GET /metrics`: request counts by status and by path and status, latency quantiles (p50/p90/p99/max)
+  of the last 4096 requests per path, queue depth (needs the token when one is set).
 Errors answer `{"error": "...", "request_id": "..."}`: 400 (bad JSON, nesting deeper than the limit,
 bad fields or PNGs), 401 (token missing or wrong; `WWW-Authenticate: Bearer`), 404, 405, 408 (the
 request was not received within the receive deadline), 411 (no Content-Length), 413 (body, image
@@ -74,7 +74,6 @@ DEFAULT_PORT = 8765
 _DRAIN_FACTOR = 4  # read (and drop) up to this many times the body limit so a 413 reaches the client
 
 log = logging.getLogger("rcgrpo.reward_server")
-
 
 
 @dataclass(frozen=True)
