@@ -4,7 +4,9 @@
   text→image attention mass used by the ACD reward, without materializing attention weights.
 - `region_sq_dists(x, y, mask)` → `[T, K, G, 2]`: masked squared distances, differentiable.
 
-`available_backends()` tells which backends run here and why the others do not.
+`available_backends()` tells which backends run here and why the others do not;
+`python -m rcgrpo_kernels` also prints what `backend="auto"` / `mode="auto"` pick and every fallback
+(each fallback warns once per process with a `FallbackWarning`).
 """
 if __name__ != "rcgrpo_kernels":
     # This folder is installed as `rcgrpo_kernels`. When the repository root is on sys.path it can
@@ -13,13 +15,14 @@ if __name__ != "rcgrpo_kernels":
     # ops are never registered twice and the probe sees a package without a version.
     __all__: list = []
 else:
-    from ._backends import BACKEND_CHOICES, BACKENDS, available_backends, resolve_backend
+    from ._backends import BACKEND_CHOICES, BACKENDS, FallbackWarning, available_backends, resolve_backend
     from .acd_attention import acd_attention, attention_flops
     from .region_sq_dists import region_sq_dists, region_sq_dists_bytes
 
     __all__ = [
         "BACKENDS",
         "BACKEND_CHOICES",
+        "FallbackWarning",
         "acd_attention",
         "attention_flops",
         "available_backends",
