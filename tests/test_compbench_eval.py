@@ -16,6 +16,7 @@ from rcgrpo.eval.evaluate import evaluate
 from rcgrpo.eval.lpips import SqueezeLPIPS, load_lpips_weights
 from rcgrpo.eval.metrics import compute_example_metrics, official_crop_box
 from rcgrpo.rewards import PSNR_CAP_DB, ClipEncoder
+from test_eval_official import one_thread  # noqa: F401 - autouse: one torch thread
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,12 @@ def test_loader_errors_name_the_file_and_example(bench, tmp_path):
     with pytest.raises(CompBenchError, match="ground-truth image not found"):
         CompBenchDataset(root, check_sizes=False)
     assert len(CompBenchDataset(root, require_ground_truth=False, check_sizes=False)) == 6
+    # as rcgrpo eval reads it (the official script's way): missing files kept, sizes free
+    rec.mask_path.unlink()
+    lenient = CompBenchDataset(root, require_ground_truth=False, check_sizes=False, allow_missing=True)
+    assert len(lenient) == 6 and lenient.records[3].missing_files() == ["mask"]
+    assert lenient.records[3].mask_path == rec.mask_path and lenient.records[0].missing_files() == []
+    assert lenient.load_source(lenient.records[3]).size == (32, 32)
     meta = root / "tasks" / "add" / "metadata.json"
     meta.write_text('[{"image_path": "x.png", "instruction": "a"},\n oops]')
     with pytest.raises(CompBenchError, match=r"add/metadata.json.* not valid JSON: .* line 2"):
@@ -202,6 +209,8 @@ def clip_dir(tmp_path_factory):
 
 
 def test_clip_metrics_use_the_official_crop(clip_dir):
+    from rcgrpo.eval.clip_official import OfficialClip
+
     enc = ClipEncoder(str(clip_dir))
     src, mask = _pair()
     edited = np.random.default_rng(1).integers(0, 256, src.shape).astype(np.uint8)
@@ -210,9 +219,8 @@ def test_clip_metrics_use_the_official_crop(clip_dir):
     m = compute_example_metrics(Image.fromarray(src), Image.fromarray(edited), mask_img, Image.fromarray(edited),
                                 ["a red square"], size=64, clip=enc)
     assert m["LC-I"] == pytest.approx(1.0, abs=1e-5)
-    crop = torch.from_numpy(edited[10:29, 20:49].astype(np.float32) / 255).permute(2, 0, 1)  # PIL crop: right/bottom excluded
-    cos = (enc.image_embeddings([crop]) * enc.text_embeddings(["a red square"])).sum()
-    assert m["LC-T"] == pytest.approx(max(100 * cos.item(), 0.0), abs=1e-3)
+    crop = Image.fromarray(edited[10:29, 20:49])  # PIL crop: right/bottom excluded
+    assert m["LC-T"] == pytest.approx(OfficialClip(enc).lc_t(crop, ["a red square"]), abs=1e-6)
     outside = edited.copy()
     outside[40:] = 0  # outside the box: no change to the local metrics
     m2 = compute_example_metrics(Image.fromarray(src), Image.fromarray(outside), mask_img, Image.fromarray(edited),
@@ -229,7 +237,7 @@ def test_clip_metrics_use_the_official_crop(clip_dir):
 
 def _args(*argv):
     p = argparse.ArgumentParser()
-    add_eval_arguments(p)
+    add_eval_arguments(p)  # the options as the rcgrpo dispatcher adds them
     return p.parse_args([str(a) for a in argv])
 
 
@@ -240,8 +248,8 @@ def _mtimes(folder):
 def test_eval_tiny_generates_scores_and_resumes(bench, tmp_path, capsys):
     out = tmp_path / "eval"
     no_clip = tmp_path / "no-clip"
-    assert _args("--data", bench, "--output-dir", out, "--tiny").eval_size == 512
-    assert run_eval(_args("--data", bench, "--output-dir", out, "--tiny", "--steps", 2, "--clip-model", no_clip)) == 0
+    assert _args("--data", bench, "--output-dir", out, "--model", "tiny").eval_size == 512
+    assert run_eval(_args("--data", bench, "--output-dir", out, "--model", "tiny", "--steps", 2, "--clip-model", no_clip)) == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     assert res["settings"]["generation"]["generated"] == 6 and res["settings"]["eval_size"] == 512
@@ -252,29 +260,24 @@ def test_eval_tiny_generates_scores_and_resumes(bench, tmp_path, capsys):
     avg = np.mean([res["per_task"][t]["PSNR"] for t in ("add", "remove", "replace")])
     assert res["average"]["PSNR"] == pytest.approx(avg)
     assert "does not exist" in res["unavailable"]["LC-T"] and "no-clip" in res["unavailable"]["LC-I"]
-    assert "LPIPS" in res["unavailable"]
+    assert "LPIPS" in res["unavailable"] and res["skipped"] == []
     assert len(res["examples"]) == 6 and all(math.isfinite(e["PSNR"]) for e in res["examples"])
     md = (out / "results.md").read_text()
     assert "| Task | N | LC-I ↑ | LC-T ↑ | PSNR ↑ | SSIM ↑ | LPIPS ↓ |" in md
     assert "| **Average** | 6 | n/a | n/a |" in md and "| Replace | 2 |" in md and md in printed
+    assert "None: all 6 example(s) scored." in md and "## Conventions" in md
     pngs = _mtimes(out / "outputs")
     assert len(pngs) == 6 and all(Image.open(p).size == (32, 32) for p in pngs)
 
-    # resume: nothing regenerated, files untouched
+    # resume (the deprecated --tiny is --model tiny): nothing regenerated, files untouched
     run_eval(_args("--data", bench, "--output-dir", out, "--tiny", "--steps", 2, "--clip-model", no_clip, "--eval-size", 64))
     res2 = json.loads((out / "results.json").read_text())
-    assert res2["settings"]["generation"]["generated"] == 0 and res2["settings"]["generation"]["skipped_existing"] == 6
+    assert res2["settings"]["generation"]["generated"] == 0 and res2["settings"]["generation"]["reused"] == 6
     assert _mtimes(out / "outputs") == pngs
-    # a deleted output is regenerated, identically (per-example seeds)
-    victim = sorted(pngs)[2]
-    before = np.asarray(Image.open(victim))
-    victim.unlink()
-    run_eval(_args("--data", bench, "--output-dir", out, "--tiny", "--steps", 2, "--clip-model", no_clip, "--eval-size", 64))
-    assert json.loads((out / "results.json").read_text())["settings"]["generation"]["generated"] == 1
-    assert np.array_equal(np.asarray(Image.open(victim)), before)
-    # other settings into the same folder are refused
-    with pytest.raises(ValueError, match=r"other settings \(steps: 2 → 3\)"):
-        run_eval(_args("--data", bench, "--output-dir", out, "--tiny", "--steps", 3, "--clip-model", no_clip))
+    # other settings into the same folder: the stale edits are regenerated
+    run_eval(_args("--data", bench, "--output-dir", out, "--model", "tiny", "--steps", 3, "--clip-model", no_clip,
+                   "--eval-size", 64))
+    assert json.loads((out / "results.json").read_text())["settings"]["generation"]["regenerated_stale"] == 6
 
 
 def test_eval_scores_existing_outputs_with_clip_and_lpips(bench, clip_dir, tmp_path):
@@ -296,46 +299,19 @@ def test_eval_scores_existing_outputs_with_clip_and_lpips(bench, clip_dir, tmp_p
         assert row["PSNR"] == PSNR_CAP_DB and row["SSIM"] == pytest.approx(1.0, abs=1e-6)
         assert row["LPIPS"] == pytest.approx(0.0, abs=1e-6)
         assert row["LC-I"] == pytest.approx(1.0, abs=1e-5) and 0 <= row["LC-T"] <= 100
-    assert "n/a" not in (out / "results.md").read_text()
+    assert res["settings"]["psnr_capped"] == 6
+    assert "| n/a" not in (out / "results.md").read_text()
 
-    # a missing edit is bad input, naming the file
+    # a missing edit is skipped and listed, as the official script skips it (silently); a flag makes it an error
     victim = next((outputs / "remove").rglob("*.png"))
     victim.unlink()
-    with pytest.raises(FileNotFoundError, match=r"1 edited image\(s\) missing .* for example remove/"):
-        evaluate(bench, tmp_path / "eval2", outputs_dir=outputs, clip_model=None, eval_size=32, log=None)
-
-
-def test_eval_cli_exit_codes(bench, tmp_path, capsys):
-    from rcgrpo.cli import main
-
-    assert main(["eval", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o"), "--tiny"]) == 2
-    assert "CompBench directory not found" in capsys.readouterr().err
-    assert main(["eval", "--data", str(bench), "--output-dir", str(tmp_path / "o")]) == 2
-    assert "--tiny" in capsys.readouterr().err
-    assert main(["eval", "--data", str(bench), "--output-dir", str(tmp_path / "o"), "--tasks", "add,paint"]) == 2
-    assert main(["eval", "--data", str(bench), "--output-dir", str(tmp_path / "o"), "--tiny", "--strict",
-                 "--clip-model", str(tmp_path / "no-clip"), "--limit", "1", "--steps", "1"]) == 2
-    assert "no-clip" in capsys.readouterr().err
-
-
-def test_eval_loads_a_lora(bench, tmp_path):
-    from diffusers import FluxKontextPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from rcgrpo.testing import tiny_kontext_pipeline
-
-    pipe = tiny_kontext_pipeline(0)
-    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    FluxKontextPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
-    common = dict(tiny=True, steps=1, tasks=["add"], limit=1, clip_model=None, eval_size=32, log=None)
-    base = evaluate(bench, tmp_path / "base", **common)
-    lora = evaluate(bench, tmp_path / "lora_eval", lora=str(tmp_path / "lora"), **common)
-    a = np.asarray(Image.open(base["examples"][0]["output"]), dtype=np.int16)
-    b = np.asarray(Image.open(lora["examples"][0]["output"]), dtype=np.int16)
-    assert np.abs(a - b).max() > 0
-    assert lora["settings"]["generation"]["lora"] == str(tmp_path / "lora")
+    res = evaluate(bench, tmp_path / "eval2", outputs_dir=outputs, clip_model=None, eval_size=32, log=None)
+    assert [s["task"] for s in res["skipped"]] == ["remove"] and "edit missing" in res["skipped"][0]["reason"]
+    assert res["per_task"]["remove"]["count"] == 1 and res["average"]["count"] == 5
+    assert "1 of 6 example(s) skipped" in (tmp_path / "eval2" / "results.md").read_text()
+    with pytest.raises(FileNotFoundError, match=r"1 example\(s\) cannot be scored, e\.g\. remove/.*edit missing"):
+        evaluate(bench, tmp_path / "eval3", outputs_dir=outputs, clip_model=None, eval_size=32, log=None,
+                 fail_on_skipped=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,66 +1,123 @@
-"""`rcgrpo eval`: CompBench metrics of a model (or of existing edits) → results.json, results.md."""
+"""`rcgrpo eval`: CompBench metrics of a model (or of existing edits) → results.json, results.md.
+
+The options are the fields of `EvalArguments`, parsed by `transformers.HfArgumentParser`
+(`parse_eval_args(argv)`); `run_eval(EvalArguments)` runs the command. `add_eval_arguments(parser)` adds
+the same options to an argparse (sub)parser for the `rcgrpo` dispatcher, and `run_eval` also accepts the
+namespace that parser returns.
+"""
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Literal, Sequence
 
 from ..eval.compbench import TASKS
-from ..eval.evaluate import TINY_RESOLUTION, evaluate
 from ..eval.metrics import EVAL_SIZE
-from ..eval.results import format_markdown
 from ..rewards.clip import DEFAULT_CLIP_MODEL
 
 
-def _tasks_arg(text: str) -> list[str]:
-    tasks = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in TASKS]
-    if not tasks or bad:
-        raise argparse.ArgumentTypeError(f"--tasks: expected a comma-separated subset of {','.join(TASKS)}, got {text!r}")
-    return tasks
+@dataclass
+class EvalArguments:
+    """Options of `rcgrpo eval` (each field is a `--field-name` flag)."""
+
+    data: str = field(metadata={"help": "CompBench directory (holding tasks/<task>/metadata.json, or the tasks/ folder)"})
+    output_dir: str = field(metadata={"help": "where outputs/, results.json and results.md go"})
+    model: str | None = field(default=None, metadata={
+        "help": "model to generate the edits with: tiny | tiny-editor | PATH | HUB_ID"})
+    tiny: bool = field(default=False, metadata={"help": "deprecated: the same as --model tiny"})
+    lora: str | None = field(default=None, metadata={
+        "help": "diffusers-format LoRA (a directory with pytorch_lora_weights.safetensors, or the file)"})
+    outputs: str | None = field(default=None, metadata={
+        "help": "score existing edits at DIR/<task>/<image_path> instead of generating "
+                "(the official editing_results/<model>/<model>_local folder)"})
+    tasks: str | None = field(default=None, metadata={"help": f"comma-separated tasks (default {','.join(TASKS)})"})
+    limit: int | None = field(default=None, metadata={"help": "at most N examples per task (metadata order)"})
+    steps: int | None = field(default=None, metadata={"help": "sampling steps (default: the model's)"})
+    guidance_scale: float | None = field(default=None, metadata={"help": "Kontext guidance (default: the model's)"})
+    resolution: int | None = field(default=None, metadata={"help": "edit at N×N px (default: the model's)"})
+    max_sequence_length: int | None = field(default=None, metadata={"help": "T5 text length (default: the model's)"})
+    seed: int = field(default=0, metadata={"help": "generation seed (per example: from the seed and the example id)"})
+    stale_outputs: Literal["regenerate", "refuse"] = field(default="regenerate", metadata={
+        "help": "an edit in OUTPUT_DIR/outputs generated with other settings, model or LoRA weights: "
+                "regenerate it, or refuse to run"})
+    clip_model: str = field(default=DEFAULT_CLIP_MODEL, metadata={"help": "CLIP hub id or local path for LC-T / LC-I"})
+    lpips_weights: str | None = field(default=None, metadata={
+        "help": "LPIPS-squeeze weights (.safetensors from rcgrpo.eval.lpips.export_lpips_weights); "
+                "default: torchmetrics' network (needs torchvision)"})
+    eval_size: int = field(default=EVAL_SIZE, metadata={"help": f"metric resolution (default {EVAL_SIZE}, as CompBench)"})
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    strict: bool = field(default=False, metadata={"help": "fail when CLIP or LPIPS weights are unavailable"})
+    fail_on_skipped: bool = field(default=False, metadata={
+        "help": "fail when an example has no source, mask or edit (default: skip it, as the official script, "
+                "and list it in results.md)"})
+
+    def __post_init__(self):
+        if self.tiny:
+            if self.model not in (None, "tiny"):
+                raise ValueError(f"--tiny (deprecated, = --model tiny) contradicts --model {self.model}")
+            print("rcgrpo eval: --tiny is deprecated; use --model tiny", file=sys.stderr)
+            self.model, self.tiny = "tiny", False
+        for name in ("limit", "steps", "resolution", "max_sequence_length", "eval_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
+
+    def task_list(self) -> list[str] | None:
+        """`tasks` as a list (None: every task present); ValueError for names outside add/remove/replace."""
+        if self.tasks is None:
+            return None
+        tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        bad = [t for t in tasks if t not in TASKS]
+        if not tasks or bad:
+            raise ValueError(f"--tasks: expected a comma-separated subset of {','.join(TASKS)}, got {self.tasks!r}")
+        return tasks
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _parser():
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(EvalArguments)
+
+
+def parse_eval_args(argv: Sequence[str] | None = None) -> EvalArguments:
+    """`EvalArguments` from command-line arguments (HfArgumentParser)."""
+    (args,) = _parser().parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    return args
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `rcgrpo eval` options."""
-    parser.add_argument("--data", required=True, help="CompBench directory (holding tasks/<task>/metadata.json)")
-    parser.add_argument("--output-dir", required=True, help="where outputs/, results.json and results.md go")
-    src = parser.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="FluxKontextPipeline hub id or local path to generate edits with")
-    src.add_argument("--tiny", action="store_true", help="generate with the tiny offline test pipeline")
-    parser.add_argument("--lora", default=None, help="diffusers-format LoRA (directory with pytorch_lora_weights.safetensors)")
-    parser.add_argument("--outputs", default=None, help="score existing edits at DIR/<task>/<image_path> instead of generating")
-    parser.add_argument("--tasks", type=_tasks_arg, default=None, help="comma-separated tasks (default add,remove,replace)")
-    parser.add_argument("--steps", type=_positive_int, default=28, help="sampling steps (default 28)")
-    parser.add_argument("--guidance-scale", type=float, default=2.5, help="Kontext guidance (default 2.5)")
-    parser.add_argument("--resolution", type=_positive_int, default=None,
-                        help=f"edit at N×N px (default: the pipeline's choice; {TINY_RESOLUTION} with --tiny)")
-    parser.add_argument("--seed", type=int, default=0, help="generation seed (per example: seed and example id)")
-    parser.add_argument("--limit", type=_positive_int, default=None, help="at most N examples per task")
-    parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help=f"CLIP hub id or local path (default {DEFAULT_CLIP_MODEL})")
-    parser.add_argument("--lpips-weights", default=None, help="LPIPS-squeeze weights (.safetensors; see rcgrpo.evaluation)")
-    parser.add_argument("--eval-size", type=_positive_int, default=EVAL_SIZE, help=f"metric resolution (default {EVAL_SIZE}, as CompBench)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--strict", action="store_true", help="fail when CLIP or LPIPS weights are unavailable")
+    """Add the `EvalArguments` options, as HfArgumentParser builds them, to an argparse (sub)parser."""
+    for action in _parser()._actions:
+        if not isinstance(action, argparse._HelpAction):
+            parser._add_action(action)
+
+
+def _as_arguments(args) -> EvalArguments:
+    if isinstance(args, EvalArguments):
+        return args
+    return EvalArguments(**{f.name: getattr(args, f.name) for f in fields(EvalArguments) if hasattr(args, f.name)})
 
 
 def run_eval(args) -> int:
-    """Run `rcgrpo eval` from parsed arguments; prints the Markdown table. Returns 0.
+    """Run `rcgrpo eval` (an `EvalArguments`, or the dispatcher's namespace); prints the Markdown table.
+    Returns 0.
 
     Bad input (missing files, bad metadata, bad options) raises ValueError / FileNotFoundError (exit 2 in
     the CLI); failures while running raise other exceptions (exit 1).
     """
-    results = evaluate(args.data, args.output_dir, model=args.model, tiny=args.tiny, lora=args.lora,
-                       outputs_dir=args.outputs, tasks=args.tasks, steps=args.steps,
-                       guidance_scale=args.guidance_scale, resolution=args.resolution, seed=args.seed,
-                       limit=args.limit, clip_model=args.clip_model, lpips_weights=args.lpips_weights,
-                       strict=args.strict, eval_size=args.eval_size, device=args.device)
+    from ..eval.evaluate import evaluate
+    from ..eval.results import format_markdown
+
+    args = _as_arguments(args)
+    results = evaluate(args.data, args.output_dir, model=args.model, lora=args.lora, outputs_dir=args.outputs,
+                       tasks=args.task_list(), steps=args.steps, guidance_scale=args.guidance_scale,
+                       resolution=args.resolution, max_sequence_length=args.max_sequence_length, seed=args.seed,
+                       limit=args.limit, stale_outputs=args.stale_outputs, clip_model=args.clip_model,
+                       lpips_weights=args.lpips_weights, strict=args.strict, fail_on_skipped=args.fail_on_skipped,
+                       eval_size=args.eval_size, device=args.device)
     print(format_markdown(results), end="")
     return 0
+
+
+__all__ = ["EvalArguments", "add_eval_arguments", "parse_eval_args", "run_eval"]

@@ -1,10 +1,11 @@
-"""CompBench local-editing evaluation as the official `eval_all.py` computes it.
+"""CompBench local-editing evaluation that gives the numbers of the official `eval_all.py`, example for example.
 
 - `compbench`: the official directory layout, read and validated (`CompBenchDataset`);
 - `compbench_synthetic`: a small generated directory in that layout, for tests and demos;
-- `generate`: the edits to score, one per example, resumable;
+- `generate`: the edits to score, one per example, cached by what produced them (sidecar keys);
 - `metrics`: per-example PSNR / SSIM / LPIPS of the background, LC-T and LC-I of the edit region;
-- `lpips`: the SqueezeNet LPIPS network, with or without torchvision;
-- `evaluate`: generation + scoring + aggregation → `results.json`;
-- `results`: the Markdown table (`results.md`).
+- `clip_official`: CLIP preprocessing and caption tokenization as the official run did them;
+- `lpips`: the SqueezeNet LPIPS network, with or without torchvision; weight export and loading;
+- `evaluate`: generation + scoring + skipped examples → `results.json`;
+- `results`: aggregation (macro average, the official rounding) and `results.md` with its conventions.
 """

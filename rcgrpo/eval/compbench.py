@@ -16,7 +16,11 @@ mask or ground truth is not found under the exact name, the same name with a `.p
 (masks are PNG in the official data).
 
 `CompBenchDataset(root)` validates every file up front (existence, readability of the header, matching
-sizes) and raises `CompBenchError` (a ValueError) naming the file and the example. `dataset[i]` is a
+sizes) and raises `CompBenchError` (a ValueError) naming the file and the example. `rcgrpo eval` reads the
+data as the official script does instead: `allow_missing=True` keeps examples whose source or mask is
+missing (the official script skips them; `rcgrpo eval` lists them) and `check_sizes=False` accepts a mask
+or ground truth whose size differs from the source (the official script resizes each image to the
+evaluation size on its own). `dataset[i]` is a
 `CompBenchExample` with the source image and mask loaded; it is usable as the trainer's dataset
 (`len`, indexing; an example has `image` `[3, H, W]`, `mask` `[H, W]`, `instruction`, `id` and
 `metadata` with `caption` and `reference` (the ground-truth path, for LC-I)) and by
@@ -66,6 +70,11 @@ class CompBenchRecord:
     mask_path: Path
     ground_truth_path: Path | None
     extra: dict = field(default_factory=dict, compare=False)  # other metadata fields
+
+    def missing_files(self) -> list[str]:
+        """Which of the source image and the mask are missing ("source image", "mask"), in that order."""
+        return [what for what, path in (("source image", self.source_path), ("mask", self.mask_path))
+                if not path.is_file()]
 
 
 @dataclass
@@ -211,11 +220,13 @@ class CompBenchDataset:
     must have its `edited_image/` file (needed for evaluation; training can pass False).
     `resolution`: `None` keeps sizes; an int or `(height, width)` resizes sources (bicubic) and masks
     (nearest) when loaded. `check_sizes`: read every image header up front and require equal sizes.
+    `allow_missing`: keep examples whose source or mask file is missing (their `source_path` /
+    `mask_path` are where the file should be; `CompBenchRecord.missing_files()` names them).
     """
 
     def __init__(self, root, *, tasks: Sequence[str] | None = None, limit: int | None = None,
                  require_ground_truth: bool = True, resolution: int | tuple[int, int] | None = None,
-                 check_sizes: bool = True):
+                 check_sizes: bool = True, allow_missing: bool = False):
         self.root = Path(root)
         self.tasks_root = find_tasks_root(self.root)
         if tasks is None:
@@ -237,6 +248,7 @@ class CompBenchDataset:
                 raise CompBenchError(f"resolution must be a positive int or (height, width), got {resolution!r}")
         self.tasks = tuple(tasks)
         self.resolution = resolution
+        self.allow_missing = bool(allow_missing)
         self.records: list[CompBenchRecord] = []
         seen: set[str] = set()
         for task in self.tasks:
@@ -269,20 +281,22 @@ class CompBenchDataset:
             rel = _relative(image_path, meta_file, idx)
             example_id = f"{task}/{rel.as_posix()}"
             source = task_dir.joinpath(SOURCE_DIR, *rel.parts)
-            if not source.is_file():
+            if not source.is_file() and not self.allow_missing:
                 raise CompBenchError(f"example {example_id}: source image not found: {str(source)!r}")
             mask = _resolve(task_dir / MASK_DIR, rel)
             if mask is None:
-                raise CompBenchError(f"example {example_id}: mask not found: {str(task_dir.joinpath(MASK_DIR, *rel.parts))!r}")
+                if not self.allow_missing:
+                    raise CompBenchError(f"example {example_id}: mask not found: {str(task_dir.joinpath(MASK_DIR, *rel.parts))!r}")
+                mask = task_dir.joinpath(MASK_DIR, *rel.parts)
             gt = _resolve(task_dir / GROUND_TRUTH_DIR, rel)
             if gt is None and require_ground_truth:
                 raise CompBenchError(
                     f"example {example_id}: ground-truth image not found: {str(task_dir.joinpath(GROUND_TRUTH_DIR, *rel.parts))!r}"
                 )
-            if check_sizes:
+            if check_sizes and source.is_file():
                 size = _image_size(source, example_id, "source image")
                 for path, what in ((mask, "mask"), (gt, "ground-truth image")):
-                    if path is not None:
+                    if path is not None and path.is_file():
                         other = _image_size(path, example_id, what)
                         if other != size:
                             raise CompBenchError(
@@ -305,6 +319,10 @@ class CompBenchDataset:
             return [self[i] for i in range(*index.indices(len(self)))]
         rec = self.records[index]
         return self.load(rec)
+
+    def load_source(self, rec: CompBenchRecord):
+        """The source image of `rec` as a PIL RGB image at its own size (`resolution` is not applied)."""
+        return _open_rgb(rec.source_path, rec.id, "source image")
 
     def load(self, rec: CompBenchRecord) -> CompBenchExample:
         from PIL import Image

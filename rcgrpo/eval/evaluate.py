@@ -1,37 +1,24 @@
-"""`rcgrpo eval`: CompBench local-editing evaluation (add / remove / replace), as the official script does it.
+"""`rcgrpo eval`: CompBench local-editing evaluation (add / remove / replace) that gives the numbers of the
+official `eval_all.py`, example for example.
 
-1. Edits: generated with a FluxKontextPipeline (`--model` hub id or local path, or `--tiny` for the
-   offline test model; `--lora DIR` loads diffusers-format LoRA weights) into
-   `OUT/outputs/<task>/<image_path>` (PNG), skipping examples whose output already exists (resumable;
-   `OUT/generation.json` records the settings, and a resume with different settings is refused). With
-   `--outputs DIR`, existing edits at `DIR/<task>/<image_path>` are scored instead (the layout of the
-   official `editing_results/<model>_local/<task>/`).
-2. Metrics, per example, following CompBench's `eval_all.py`: source, edit and ground truth resized to
-   512×512 (PIL bicubic), the mask to 512×512 (nearest) and read as L/255; background images are
-   `image · (1 − mask)`; PSNR and SSIM (torchmetrics, data range 1) and LPIPS (SqueezeNet, inputs in
-   [−1, 1]) of the edited vs source background; the crop box is `(min x, min y, max x, max y)` of the mask
-   pixels > 0 used as a PIL crop box (so, as in the official script, the last row and column are left
-   out); LC-T = CLIPScore = max(100·cos, 0) of the edited crop vs the caption (" " when empty); LC-I =
-   cosine of CLIP image embeddings of the edited and ground-truth crops; a mask whose box is empty gives
-   LC-T = LC-I = 0. CLIP is ViT-L/14 (`openai/clip-vit-large-patch14`) unless `--clip-model` says
-   otherwise; its preprocessing is done with torch ops (`rcgrpo.rewards.clip_preprocess`).
-3. Results: the mean per task and the macro average over tasks, written atomically to
-   `OUT/results.json` and `OUT/results.md` (the layout of the paper's Table 1: LC-I, LC-T, PSNR, SSIM,
-   LPIPS).
+1. Edits: generated with `rcgrpo.flux.pipeline.load_pipeline(model)` (`tiny`, `tiny-editor`, a local
+   path or a hub id; `lora` loads diffusers-format LoRA weights) into `OUT/outputs/<task>/<image_path>`
+   (PNG), with a cache keyed on what produced each edit (`rcgrpo.eval.generate`): a stale edit is
+   regenerated (`stale_outputs="refuse"`: refused). Steps, guidance, resolution and text length default
+   to the model's `ModelDefaults`; when one of them is left to the defaults, the pipeline is loaded to
+   learn them even if every edit then turns out fresh (give all four to resume without loading it). With
+   `outputs_dir`, existing edits at `DIR/<task>/<image_path>` are scored instead: the official
+   `editing_results/<model>/<model>_local/` folder.
+2. Metrics per example: `rcgrpo.eval.metrics` (the official steps; CLIP in `rcgrpo.eval.clip_official`).
+   An example whose source, mask or edit is missing or unreadable is skipped, as the official script
+   does, and listed (`fail_on_skipped=True` makes it an error).
+3. Results: per task and the macro average over tasks (`rcgrpo.eval.results`), written atomically to
+   `OUT/results.json` and `OUT/results.md` with the conventions that apply.
 
-Deviations, all reported in results.json: PSNR of identical backgrounds (+inf) is capped at 100 dB;
-when CLIP or LPIPS weights are not available (offline, no torchvision), those metrics are reported as
-unavailable with the reason instead of failing the run (`--strict` makes it an error). LPIPS uses
-torchmetrics' LearnedPerceptualImagePatchSimilarity when torchvision and its weights are available, or
-`--lpips-weights FILE.safetensors`: the state dict of that metric's network, exported on a machine that
-has torchvision with
-
-    from safetensors.torch import save_file
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-    net = LearnedPerceptualImagePatchSimilarity(net_type="squeeze").net
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, "lpips_squeeze.safetensors")
-
-and evaluated here by `SqueezeLPIPS`, a torchvision-free copy of the same network.
+When CLIP or LPIPS weights are not available (offline, no torchvision), those metrics are reported as
+unavailable with the reason instead of failing the run (`strict=True` makes it an error). LPIPS uses
+torchmetrics' network when torchvision and its weights are available, or `lpips_weights` (a safetensors
+file from `rcgrpo.eval.lpips.export_lpips_weights`).
 """
 from __future__ import annotations
 
@@ -41,34 +28,30 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from ..io.files import atomic_write_text
 from ..io.hub import WeightsUnavailableError
 from ..rewards.background import PSNR_CAP_DB
 from ..rewards.clip import DEFAULT_CLIP_MODEL, ClipEncoder
-from .compbench import CompBenchDataset
-from .generate import find_existing_output, generate_edits, output_path
+from .clip_official import OfficialClip
+from .compbench import CompBenchDataset, CompBenchRecord
+from .generate import (GenerationSettings, file_sha256, find_existing_output, generate_edits, model_identity,
+                       output_path, plan_generation)
 from .lpips import load_lpips_weights, torchmetrics_lpips
 from .metrics import EVAL_SIZE, HIGHER_IS_BETTER, METRICS, compute_example_metrics
-from .results import write_results
+from .results import aggregate, conventions, official_rounding, write_results
 
-TINY_RESOLUTION = 32
-
-
-def _mean(values: list[float]) -> float | None:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(vals)) if vals else None
+STALE_OUTPUTS = ("regenerate", "refuse")
 
 
-def _build_clip(clip, clip_model, device, strict: bool) -> tuple[ClipEncoder | None, str | None]:
+def _build_clip(clip, clip_model, device, strict: bool) -> tuple[OfficialClip | None, str | None]:
     if clip is not None:
-        return clip, None
+        return (OfficialClip(clip) if isinstance(clip, ClipEncoder) else clip), None
     if not clip_model:
         return None, "no CLIP model given"
     try:
-        return ClipEncoder(clip_model, device=device), None
+        return OfficialClip.load(str(clip_model), device=device), None
     except WeightsUnavailableError as exc:
         if strict:
             raise
@@ -85,144 +68,174 @@ def _build_lpips(lpips_net, lpips_weights, device, strict: bool) -> tuple[Callab
         return torchmetrics_lpips(device), None, "squeeze (torchmetrics)"
     except Exception as exc:  # noqa: BLE001 - any failure to build it means "unavailable"
         first = str(exc).splitlines()[0].rstrip(". ") if str(exc).strip() else type(exc).__name__
-        reason = (f"torchmetrics' LPIPS (squeeze) could not be built: {first}; "
-                  "it needs torchvision and its ImageNet SqueezeNet weights, or pass --lpips-weights FILE.safetensors")
+        reason = (f"torchmetrics' LPIPS (squeeze) could not be built: {first}; it needs torchvision and its "
+                  "ImageNet SqueezeNet weights, or pass --lpips-weights FILE.safetensors "
+                  "(see rcgrpo.eval.lpips.export_lpips_weights)")
         if strict:
             raise WeightsUnavailableError(reason) from None
         return None, reason, ""
 
 
-def evaluate(data, output_dir, *, pipeline=None, model: str | None = None, tiny: bool = False,
-             lora: str | None = None, outputs_dir=None, tasks: Sequence[str] | None = None, steps: int = 28,
-             guidance_scale: float = 2.5, resolution: int | None = None, seed: int = 0, limit: int | None = None,
-             clip_model: str | None = DEFAULT_CLIP_MODEL, clip: ClipEncoder | None = None,
-             lpips_weights: str | None = None, lpips_net: Callable | None = None, strict: bool = False,
-             eval_size: int = EVAL_SIZE, device=None, log: Callable[[str], None] | None = print) -> dict:
-    """Generate (or take) edits for a CompBench directory and score them; returns the results dict that is
-    also written to `output_dir/results.json` (and `results.md`).
+def _lora_file(lora) -> Path | None:
+    if not lora:
+        return None
+    from ..flux.pipeline import LORA_WEIGHT_NAME
 
-    Edits come from `outputs_dir` (existing edits, `<task>/<image_path>`), or are generated into
-    `output_dir/outputs` with `pipeline` (an already-built FluxKontextPipeline), `model` (hub id or local
-    path), or `tiny=True` (the offline test pipeline). `clip` / `lpips_net` inject ready models (tests);
-    otherwise `clip_model` and `lpips_weights` (or torchmetrics' LPIPS) are loaded, and metrics whose
-    weights are unavailable are reported as such (an error with `strict=True`).
-    `limit`: at most this many examples per task.
+    path = Path(lora).expanduser()
+    file = path / LORA_WEIGHT_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"--lora: no LoRA weights at {str(file)!r}")
+    if file.suffix != ".safetensors":
+        raise ValueError(f"--lora: {str(file)!r} is not a .safetensors file (only safetensors LoRA files load)")
+    return file
+
+
+def _check_options(*, eval_size, steps, resolution, max_sequence_length, guidance_scale, stale_outputs,
+                   outputs_dir, pipeline, model, lora) -> None:
+    if eval_size < 16:
+        raise ValueError(f"--eval-size must be at least 16 px, got {eval_size}")
+    for name, value in (("steps", steps), ("resolution", resolution), ("max-sequence-length", max_sequence_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise ValueError(f"--guidance-scale must be a finite number, got {guidance_scale}")
+    if stale_outputs not in STALE_OUTPUTS:
+        raise ValueError(f"--stale-outputs must be one of {', '.join(STALE_OUTPUTS)}, got {stale_outputs!r}")
+    if outputs_dir is not None:
+        if pipeline is not None or model or lora:
+            raise ValueError("--outputs scores existing edits; do not combine it with --model or --lora")
+        if not Path(outputs_dir).is_dir():
+            raise FileNotFoundError(f"--outputs: no such directory {str(outputs_dir)!r}")
+    elif pipeline is None and not model:
+        raise ValueError("give --model tiny|tiny-editor|PATH|HUB_ID to generate edits, or --outputs DIR to score existing ones")
+
+
+def _open(path: Path, mode: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return im.convert(mode)
+
+
+def evaluate(data, output_dir, *, pipeline=None, model: str | None = None, lora: str | None = None,
+             outputs_dir=None, tasks: Sequence[str] | None = None, steps: int | None = None,
+             guidance_scale: float | None = None, resolution: int | None = None,
+             max_sequence_length: int | None = None, seed: int = 0, limit: int | None = None,
+             stale_outputs: str = "regenerate", clip_model: str | None = DEFAULT_CLIP_MODEL,
+             clip: OfficialClip | ClipEncoder | None = None, lpips_weights: str | None = None,
+             lpips_net: Callable | None = None, strict: bool = False, fail_on_skipped: bool = False,
+             eval_size: int = EVAL_SIZE, device=None, model_defaults=None,
+             log: Callable[[str], None] | None = print) -> dict:
+    """Generate (or take) edits for a CompBench directory and score them; returns the results dict that is
+    also written to `output_dir/results.json` (and `results.md`). See the module docstring.
+
+    `pipeline`: an already-built FluxKontextPipeline (then `model` only labels it in the cache key, and
+    `model_defaults` or every generation setting must be given). `clip` / `lpips_net`: ready models
+    (tests). `limit`: at most this many examples per task.
     """
     log = log or (lambda _msg: None)
     output_dir = Path(output_dir)
-    if eval_size < 16:
-        raise ValueError(f"eval_size must be at least 16 px, got {eval_size}")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    dataset = data if isinstance(data, CompBenchDataset) else CompBenchDataset(data, tasks=tasks, limit=limit)
+    _check_options(eval_size=eval_size, steps=steps, resolution=resolution, max_sequence_length=max_sequence_length,
+                   guidance_scale=guidance_scale, stale_outputs=stale_outputs, outputs_dir=outputs_dir,
+                   pipeline=pipeline, model=model, lora=lora)
+    lora_file = _lora_file(lora) if outputs_dir is None else None
+    dataset = data if isinstance(data, CompBenchDataset) else CompBenchDataset(
+        data, tasks=tasks, limit=limit, require_ground_truth=False, check_sizes=False, allow_missing=True)
     from ..flux.pipeline import default_device
 
     dev = default_device(str(device) if device is not None else None)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
-    if outputs_dir is not None:
-        if not Path(outputs_dir).is_dir():
-            raise FileNotFoundError(f"--outputs: no such directory {str(outputs_dir)!r}")
-        if pipeline is not None or model or tiny or lora:
-            raise ValueError("--outputs scores existing edits; do not combine it with --model, --tiny or --lora")
-    else:
-        if pipeline is None and not model and not tiny:
-            raise ValueError("give --model ID_OR_PATH, --tiny, or --outputs DIR (existing edits to score)")
-        if model and tiny:
-            raise ValueError("--model and --tiny exclude each other")
+    skipped: dict[str, str] = {}
+    for rec in dataset.records:
+        missing = rec.missing_files()
+        if missing:
+            paths = {"source image": rec.source_path, "mask": rec.mask_path}
+            skipped[rec.id] = "; ".join(f"{what} missing ({paths[what]})" for what in missing)
+    _fail_if_skipped(skipped, fail_on_skipped)
 
-    # metric models first: with --strict, missing weights fail before any (slow) generation
-    clip_enc, clip_reason = _build_clip(clip, clip_model, dev, strict)
+    # metric models first: with strict=True, missing weights fail before any (slow) generation
+    clip_scorer, clip_reason = _build_clip(clip, clip_model, dev, strict)
     lpips_fn, lpips_reason, lpips_kind = _build_lpips(lpips_net, lpips_weights, dev, strict)
     unavailable = {}
-    if clip_enc is None:
+    if clip_scorer is None:
         unavailable["LC-I"] = unavailable["LC-T"] = clip_reason
     if lpips_fn is None:
         unavailable["LPIPS"] = lpips_reason
+    output_dir.mkdir(parents=True, exist_ok=True)
 
-    generation: dict[str, Any] = {}
+    to_score = [r for r in dataset.records if r.id not in skipped]
     if outputs_dir is not None:
         outputs_root = Path(outputs_dir)
-        generation = {"mode": "scored existing outputs", "outputs": str(outputs_root)}
+        generation: dict[str, Any] = {"mode": "scored existing outputs", "outputs": str(outputs_root)}
+        found = {r.id: find_existing_output(outputs_root, r) for r in to_score}
     else:
         outputs_root = output_dir / "outputs"
-        if tiny and resolution is None:
-            resolution = TINY_RESOLUTION
-        generation = {"mode": "generated", "model": "tiny" if tiny else (model or type(pipeline).__name__),
-                      "lora": str(lora) if lora else None, "steps": steps, "guidance_scale": guidance_scale,
-                      "resolution": resolution, "seed": seed}
-        _check_generation_record(output_dir / "generation.json", generation)
-        todo = [r for r in dataset.records if not output_path(outputs_root, r).is_file()]
-        if todo:
-            owns_pipeline = pipeline is None
-            if owns_pipeline:
-                pipeline = _load_pipeline(model, tiny, dev)
-            if lora:
-                from ..flux.pipeline import load_lora
+        generation = _generate(dataset, to_score, outputs_root, output_dir, pipeline=pipeline, model=model,
+                               lora_file=lora_file, steps=steps, guidance_scale=guidance_scale,
+                               resolution=resolution, max_sequence_length=max_sequence_length, seed=seed,
+                               stale_outputs=stale_outputs, device=dev, model_defaults=model_defaults, log=log)
+        found = {r.id: (output_path(outputs_root, r) if output_path(outputs_root, r).is_file() else None)
+                 for r in to_score}
+    for rec in to_score:
+        if found[rec.id] is None:
+            skipped[rec.id] = f"edit missing ({output_path(outputs_root, rec)})"
+    _fail_if_skipped(skipped, fail_on_skipped)
 
-                load_lora(pipeline, lora)
-            atomic_write_text(output_dir / "generation.json", json.dumps(generation, indent=2))
-            from ..testing import TINY_TEXT_LEN
-
-            gen, skipped = generate_edits(dataset, outputs_root, pipeline, steps=steps, guidance_scale=guidance_scale,
-                                          resolution=resolution, seed=seed,
-                                          max_sequence_length=TINY_TEXT_LEN if tiny else None, log=log)
-            if owns_pipeline:  # free the generator's memory before scoring
-                del pipeline
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-        else:
-            gen, skipped = 0, len(dataset.records)
-        generation.update(generated=gen, skipped_existing=skipped)
-        log(f"edits: {gen} generated, {skipped} already present in {outputs_root}")
-
-    missing = [r for r in dataset.records if find_existing_output(outputs_root, r) is None]
-    if missing:
-        first = output_path(outputs_root, missing[0])
-        raise FileNotFoundError(f"{len(missing)} edited image(s) missing under {str(outputs_root)!r}, "
-                                f"e.g. {str(first)!r} for example {missing[0].id}")
-
-    from PIL import Image
-
-    per_example = []
+    per_example, notes = [], []
+    capped = 0
     start = time.time()
     for rec in dataset.records:
-        out_file = find_existing_output(outputs_root, rec)
-        example = dataset.load(rec)
-        with Image.open(rec.mask_path) as im:
-            mask_img = im.convert("L")
-        try:
-            with Image.open(out_file) as im:
-                edited = im.convert("RGB")
-        except OSError as exc:
-            raise ValueError(f"example {rec.id}: edited image {str(out_file)!r} is not a readable image ({exc})") from None
-        gt = example.load_ground_truth() if rec.ground_truth_path is not None else None
-        metrics = compute_example_metrics(example.source, edited, mask_img, gt, [rec.caption], size=eval_size,
-                                          clip=clip_enc, lpips=lpips_fn, device=dev)
+        if rec.id in skipped:
+            continue
+        images = {}
+        for what, path, mode in (("source image", rec.source_path, "RGB"), ("mask", rec.mask_path, "L"),
+                                 ("edit", found[rec.id], "RGB")):
+            try:
+                images[what] = _open(path, mode)
+            except OSError as exc:
+                skipped[rec.id] = f"{what} unreadable ({path}: {exc})"
+                break
+        if rec.id in skipped:
+            _fail_if_skipped(skipped, fail_on_skipped)
+            continue
+        gt = None
+        if rec.ground_truth_path is not None:
+            try:
+                gt = _open(rec.ground_truth_path, "RGB")
+            except OSError as exc:
+                notes.append({"id": rec.id, "note": f"ground truth unreadable ({exc}): LC-I n/a"})
+        else:
+            notes.append({"id": rec.id, "note": "no ground-truth image: LC-I n/a"})
+        example_notes: list[str] = []
+        metrics = compute_example_metrics(images["source image"], images["edit"], images["mask"], gt, [rec.caption],
+                                          size=eval_size, clip=clip_scorer, lpips=lpips_fn, device=dev,
+                                          notes=example_notes)
+        capped += any(n.startswith("PSNR") for n in example_notes)
+        notes += [{"id": rec.id, "note": n} for n in example_notes]
         values = {k: metrics.get(k) for k in METRICS}
         values = {k: (None if v is None or math.isnan(v) else v) for k, v in values.items()}  # JSON has no NaN
-        per_example.append({"id": rec.id, "task": rec.task, "output": str(out_file), **values})
-    log(f"scored {len(per_example)} example(s) in {time.time() - start:.1f} s")
+        per_example.append({"id": rec.id, "task": rec.task, "output": str(found[rec.id]), **values})
+    log(f"scored {len(per_example)} example(s) in {time.time() - start:.1f} s"
+        + (f"; {len(skipped)} skipped" if skipped else ""))
 
-    per_task = {}
-    for task in dataset.tasks:
-        rows = [r for r in per_example if r["task"] == task]
-        per_task[task] = {"count": len(rows), **{m: _mean([r[m] for r in rows]) for m in METRICS}}
-    average = {"count": len(per_example), "tasks": len(per_task)}
-    for m in METRICS:
-        vals = [per_task[t][m] for t in per_task if per_task[t][m] is not None]
-        average[m] = float(np.mean(vals)) if vals and len(vals) == len(per_task) else None
+    per_task, average = aggregate(per_example, dataset.tasks)
+    settings = {"data": str(dataset.root), "tasks": list(dataset.tasks), "limit_per_task": limit,
+                "eval_size": eval_size, "psnr_cap_db": PSNR_CAP_DB, "psnr_capped": capped,
+                "clip_model": None if clip_scorer is None else clip_scorer.name,
+                "lpips": lpips_kind or None, "outputs": str(outputs_root), "generation": generation}
     results = {
         "benchmark": "CompBench local editing",
         "metrics": list(METRICS),
         "higher_is_better": HIGHER_IS_BETTER,
         "per_task": per_task,
         "average": average,
+        "official_rounding": official_rounding(per_example, dataset.tasks),
+        "conventions": conventions(settings),
         "unavailable": unavailable,
-        "settings": {"data": str(dataset.root), "tasks": list(dataset.tasks), "limit_per_task": limit,
-                     "eval_size": eval_size, "psnr_cap_db": PSNR_CAP_DB,
-                     "clip_model": None if clip_enc is None else getattr(clip_enc, "name", str(clip_model)),
-                     "lpips": lpips_kind or None, "outputs": str(outputs_root), **{"generation": generation}},
+        "skipped": [{"id": r.id, "task": r.task, "reason": skipped[r.id]} for r in dataset.records if r.id in skipped],
+        "notes": notes,
+        "settings": settings,
         "examples": per_example,
     }
     write_results(results, output_dir)
@@ -230,42 +243,81 @@ def evaluate(data, output_dir, *, pipeline=None, model: str | None = None, tiny:
     return results
 
 
-def _check_generation_record(path: Path, generation: dict) -> None:
-    if not path.is_file():
-        return
-    try:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    keys = ("model", "lora", "steps", "guidance_scale", "resolution", "seed")
-    diff = [k for k in keys if previous.get(k) != generation.get(k)]
-    if diff:
-        details = ", ".join(f"{k}: {previous.get(k)!r} → {generation.get(k)!r}" for k in diff)
-        raise ValueError(f"{str(path.parent)!r} holds edits generated with other settings ({details}); "
-                         "use a new --output-dir (or delete its outputs/ and generation.json)")
+def _fail_if_skipped(skipped: dict[str, str], fail: bool) -> None:
+    if fail and skipped:
+        first = next(iter(skipped))
+        raise FileNotFoundError(f"{len(skipped)} example(s) cannot be scored, e.g. {first}: {skipped[first]} "
+                                "(without --fail-on-skipped they are skipped and listed in results.md)")
 
 
-def _load_pipeline(model: str | None, tiny: bool, device):
-    from ..flux.pipeline import load_pipeline
+def _load_pipeline(model: str, device):
+    from ..flux.pipeline import TINY_MODELS, load_pipeline
 
-    if tiny:
-        pipe, _ = load_pipeline(None, device=str(device))
-        return pipe
-    local = Path(str(model)).expanduser()
-    if not local.exists():
+    if model not in TINY_MODELS and not Path(str(model)).expanduser().exists():
         from huggingface_hub import try_to_load_from_cache
 
         from ..io.hub import hub_reachable
 
-        cached = try_to_load_from_cache(str(model), "model_index.json")
+        try:
+            cached = try_to_load_from_cache(str(model), "model_index.json")
+        except ValueError:  # not a valid repo id either
+            raise ValueError(f"--model {model!r}: not a local path, a built-in model ({', '.join(TINY_MODELS)}) "
+                             "or a hub id") from None
         if not isinstance(cached, str):
             reachable, why = hub_reachable()
             if not reachable:
                 raise WeightsUnavailableError(
                     f"--model {model!r} is not a local path, not in the local Hugging Face cache, and cannot be "
                     f"downloaded: {why}; download it elsewhere and pass its local path")
-    pipe, _ = load_pipeline(str(model), device=str(device))
-    return pipe
+    return load_pipeline(str(model), device=str(device))
 
 
-__all__ = ["TINY_RESOLUTION", "evaluate"]
+def _generate(dataset: CompBenchDataset, records: list[CompBenchRecord], outputs_root: Path, output_dir: Path, *,
+              pipeline, model, lora_file, steps, guidance_scale, resolution, max_sequence_length, seed,
+              stale_outputs, device, model_defaults, log) -> dict:
+    """Plan the cache, load the pipeline only when needed, generate; returns the `generation` record."""
+    from ..flux.pipeline import TINY_MODELS, load_lora
+
+    identity = model_identity(model, TINY_MODELS) if model else f"<{type(pipeline).__name__} object>"
+    lora_sha = file_sha256(lora_file) if lora_file else None
+    defaults, pipe = model_defaults, pipeline
+    if defaults is None and None in (steps, guidance_scale, resolution, max_sequence_length):
+        if pipe is not None:
+            raise ValueError("evaluate(pipeline=...) needs model_defaults= or steps, guidance_scale, resolution "
+                             "and max_sequence_length")
+        log(f"loading {model} (for its default settings)")
+        pipe, defaults = _load_pipeline(model, device)
+    pick = lambda given, name: given if given is not None else getattr(defaults, name)  # noqa: E731
+    side = pick(resolution, "resolution")
+    settings = GenerationSettings(model=identity, lora_sha256=lora_sha, steps=int(pick(steps, "num_inference_steps")),
+                                  guidance_scale=float(pick(guidance_scale, "guidance_scale")), seed=int(seed),
+                                  height=int(side), width=int(side),
+                                  max_sequence_length=int(pick(max_sequence_length, "max_sequence_length")))
+    plan = plan_generation(records, outputs_root, settings)
+    if plan.stale and stale_outputs == "refuse":
+        rec, why = plan.stale[0]
+        raise ValueError(f"{len(plan.stale)} edit(s) in {str(outputs_root)!r} were generated otherwise, e.g. {rec.id} "
+                         f"({why}); rerun with --stale-outputs regenerate or use a new --output-dir")
+    for rec, why in plan.stale:
+        log(f"stale edit {rec.id} ({why}): regenerating")
+    if plan.todo:
+        if pipe is None:
+            log(f"loading {model}")
+            pipe, _ = _load_pipeline(model, device)
+        if lora_file is not None:
+            load_lora(pipe, lora_file)
+        generate_edits(dataset, plan.todo, outputs_root, pipe, settings, plan.keys, log=log)
+    if pipeline is None and pipe is not None:  # free the generator's memory before scoring
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    record = {"mode": "generated", "model": identity, "lora": str(lora_file) if lora_file else None,
+              **settings.to_dict(), "generated": len(plan.missing), "regenerated_stale": len(plan.stale),
+              "reused": len(plan.fresh)}
+    atomic_write_text(output_dir / "generation.json", json.dumps(record, indent=2))
+    log(f"edits: {len(plan.missing)} generated, {len(plan.stale)} regenerated (stale), {len(plan.fresh)} reused "
+        f"in {outputs_root}")
+    return record
+
+
+__all__ = ["STALE_OUTPUTS", "evaluate"]

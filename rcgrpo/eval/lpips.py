@@ -1,11 +1,24 @@
 """LPIPS (SqueezeNet-1.1 backbone) for the CompBench background metric, with or without torchvision.
 
-torchmetrics' `LearnedPerceptualImagePatchSimilarity(net_type="squeeze")` is used when torchvision and
-its weights are available; otherwise `SqueezeLPIPS`, a torchvision-free copy of the same network, loads
-its weights from a safetensors file (`load_lpips_weights`).
+The official script uses torchmetrics' `LearnedPerceptualImagePatchSimilarity(net_type="squeeze")`:
+ImageNet SqueezeNet-1.1 features from torchvision plus the LPIPS linear heads that torchmetrics ships.
+`torchmetrics_lpips` builds it when torchvision and its weights are available. Otherwise `SqueezeLPIPS`,
+a torchvision-free network with the same layers, computes the same function from a safetensors file:
+
+    # on a machine with torchvision (it downloads the ImageNet SqueezeNet weights once)
+    python -c "from rcgrpo.eval.lpips import export_lpips_weights; export_lpips_weights('lpips_squeeze.safetensors')"
+    # here
+    rcgrpo eval ... --lpips-weights lpips_squeeze.safetensors
+
+torchmetrics' network (`_LPIPS`) holds its heads twice, as `lin0..lin6` and as the list `lins.0..lins.6`
+(the same tensors), so `safetensors.torch.save_file(net.state_dict())` refuses to write it.
+`export_lpips_weights` writes each tensor once under the `lin{i}` name; `load_lpips_weights` reads that
+file, a file saved with `safetensors.torch.save_model` (which keeps either name), or a state dict with
+both names (they must then be equal).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -100,6 +113,56 @@ class SqueezeLPIPS(nn.Module):
         return total.reshape(in0.shape[0])
 
 
+_LINS = re.compile(r"^lins\.(\d+)\.(.*)$")
+
+
+def canonical_lpips_state_dict(state: dict) -> dict:
+    """A torchmetrics `_LPIPS` (squeeze) state dict with each head once, under `lin{i}.*`: `lins.{i}.*`
+    aliases are renamed, or dropped when the `lin{i}` tensor is present and equal (ValueError if not)."""
+    out: dict = {}
+    aliases: dict = {}
+    for key, value in state.items():
+        m = _LINS.match(key)
+        if m:
+            aliases[f"lin{m.group(1)}.{m.group(2)}"] = (key, value)
+        else:
+            out[key] = value
+    for key, (alias, value) in aliases.items():
+        if key in out:
+            if out[key].shape != value.shape or not torch.equal(out[key].cpu(), value.cpu()):
+                raise ValueError(f"LPIPS state dict: {alias!r} and {key!r} should be the same tensor but differ")
+        else:
+            out[key] = value
+    return out
+
+
+def export_lpips_weights(path, source=None) -> Path:
+    """Write LPIPS-squeeze weights to a safetensors file (atomically) that `load_lpips_weights` reads.
+
+    `source`: torchmetrics' `LearnedPerceptualImagePatchSimilarity(net_type="squeeze")`, its `.net`, any
+    module or state dict with that key set, or None to build torchmetrics' metric here (needs torchvision
+    and its ImageNet SqueezeNet weights)."""
+    from safetensors.torch import save
+
+    from ..io.files import atomic_write_bytes
+
+    if source is None:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        source = LearnedPerceptualImagePatchSimilarity(net_type="squeeze")
+    if hasattr(source, "net") and hasattr(source.net, "state_dict") and not isinstance(source, SqueezeLPIPS):
+        source = source.net  # the metric: its network
+    state = source.state_dict() if hasattr(source, "state_dict") else dict(source)
+    state = canonical_lpips_state_dict(state)
+    expected = set(SqueezeLPIPS().state_dict())
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"export_lpips_weights: not an LPIPS-squeeze network (missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]})")
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
+    return atomic_write_bytes(Path(path), save(tensors, metadata={"format": "pt", "network": "lpips-squeeze"}))
+
+
 def load_lpips_weights(path) -> SqueezeLPIPS:
     """A `SqueezeLPIPS` with weights from a safetensors file (ValueError naming the file otherwise)."""
     from safetensors import SafetensorError
@@ -112,6 +175,10 @@ def load_lpips_weights(path) -> SqueezeLPIPS:
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"--lpips-weights: {str(path)!r} is not a valid safetensors file ({exc})") from None
+    try:
+        state = canonical_lpips_state_dict(state)
+    except ValueError as exc:
+        raise ValueError(f"--lpips-weights: {str(path)!r}: {exc}") from None
     net = SqueezeLPIPS()
     expected = set(net.state_dict())
     missing = sorted(expected - set(state))
@@ -120,7 +187,7 @@ def load_lpips_weights(path) -> SqueezeLPIPS:
         raise ValueError(
             f"--lpips-weights: {str(path)!r} is not an LPIPS-squeeze state dict "
             f"(missing {missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
-            f"{'...' if len(unexpected) > 4 else ''}); export it as the module docstring of rcgrpo.evaluation shows"
+            f"{'...' if len(unexpected) > 4 else ''}); write it with rcgrpo.eval.lpips.export_lpips_weights"
         )
     try:
         net.load_state_dict(state, strict=True)
@@ -141,4 +208,5 @@ def torchmetrics_lpips(device) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     return lpips
 
 
-__all__ = ["SqueezeLPIPS", "load_lpips_weights", "torchmetrics_lpips"]
+__all__ = ["SqueezeLPIPS", "canonical_lpips_state_dict", "export_lpips_weights", "load_lpips_weights",
+           "torchmetrics_lpips"]
