@@ -2,6 +2,19 @@
 
 `ClipEncoder` wraps a transformers `CLIPModel` with torch-only image preprocessing (`clip_preprocess`,
 no torchvision). Crops are the bounding box of the mask (`mask_bbox`, exclusive bottom/right).
+
+Training-time and eval-time preprocessing differ on purpose:
+
+- here (training rewards): `clip_preprocess` resizes float `[3, h, w]` tensors in [0, 1] with torch's
+  antialiased bicubic, long side `round(size·long/short)`, and captions are truncated to the model's
+  length keeping the end-of-text token. It takes batches of decoded images on any device without an
+  8-bit round trip, which is what a reward needs.
+- `rcgrpo.eval.clip_official` (`rcgrpo eval`, CompBench's numbers): the 8-bit crop is resized with PIL
+  bicubic, long side `int(size·long/short)`, as transformers 4's `CLIPImageProcessor` did in the official
+  run, and captions are tokenized as torchmetrics' `CLIPScore` does (no truncation; over 77 tokens the
+  ids are sliced, which drops the end-of-text token). Where the two size rules disagree, crop pixels
+  differ by up to 64/255 (LC-I by ~1e-3, LC-T by ~0.4): close enough for a reward, not for reporting
+  the benchmark. Both use the same model and tokenizer (a `ClipEncoder`).
 """
 from __future__ import annotations
 
