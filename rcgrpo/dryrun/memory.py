@@ -84,20 +84,23 @@ def estimate_memory(
     acd_layers: int = 10,
     acd_backend: str = "triton",
     device_type: str = "cuda",
+    groups: int = 1,
 ) -> MemoryEstimate:
     """Analytic peak memory of one RC-GRPO iteration (bytes), as the sum of the terms live in each phase.
 
     Symbols: e = bytes per element of the model dtype; d = hidden size; L_d, L_s = double and single
     blocks; N_img = N_ctx = (resolution/16)² image tokens, N_txt = text_len, S = N_txt + N_img + N_ctx;
     C = latent channels after packing (64); G, B, T, n = group, anchors, ODE steps, train steps;
-    c = min(train_step_chunk, n); b = B·c samples per backward.
+    c = min(train_step_chunk, n); b = B·c samples per backward; n_g = groups per device and optimizer
+    step (groups_per_step × gradient_accumulation_steps): the trainer rolls them all out, then updates
+    one group at a time, so only the states and conditioning scale with n_g.
 
     Terms:
         weights: transformer   P_T·e (P_T from `flux_transformer_params`)
         weights: VAE            P_VAE·e
         LoRA + AdamW            4 B/param × P_L × 4 (fp32 param, grad, exp_avg, exp_avg_sq; steady state)
-        rollout states          G·(T+1)·N_img·C·e; in the update only when not offloaded (on a CPU
-                                device they are in RAM anyway)
+        rollout states          n_g·G·(T+1)·N_img·C·e; offloaded: one group's, in the rollout only (on a
+                                CPU device they are in RAM anyway)
         conditioning + ACD      (N_txt·text_dim + N_ctx·C)·e + ACD mass calls·G·N_img·4
         rollout activations     G·S·d·(k·e + x) for one no-grad block forward (k = 18.5 in bf16, 15.25
                                 in fp32; the rollout runs without autocast), x = the ACD op's scratch
@@ -149,17 +152,21 @@ def estimate_memory(
         add("weights_vae", "weights: VAE", p_v * e, f"{p_v:,} params x {e} B")
     p_l = lora_params(cfg, lora_rank)
     add("lora_adamw", "LoRA + AdamW (fp32)", p_l * 4 * 4, f"{p_l:,} LoRA params x 4 B x 4 (param, grad, m, v)")
-    states = G * (T + 1) * n_img * channels * e
+    if groups < 1:
+        raise ValueError(f"groups must be ≥ 1, got {groups}")
     on_device_in_update = not offload_states or device_type == "cpu"
-    add("states", "rollout states" + ("" if on_device_in_update else " (offloaded in update)"), states,
-        f"G {G} x (T+1) {T + 1} x N_img {n_img} x C {channels} x {e} B",
+    live = groups if on_device_in_update else 1
+    states = live * G * (T + 1) * n_img * channels * e
+    add("states", "rollout states" + ("" if on_device_in_update else " (one group; offloaded)"), states,
+        f"{live} group(s) x G {G} x (T+1) {T + 1} x N_img {n_img} x C {channels} x {e} B",
         all_phases if on_device_in_update else ("rollout", "decode"))
     calls = (min(acd_layers, n_double + n_single) * T) if acd else 0
-    cond = (n_txt * text_dim + n_img * channels) * e + calls * G * n_img * 4
+    cond = groups * (n_txt * text_dim + n_img * channels) * e + calls * G * n_img * 4
     add("conditioning", "conditioning + ACD record", cond,
-        f"(N_txt {n_txt} x {text_dim} + N_ctx {n_img} x C) x {e} B + {calls} calls x G x N_img x 4 B")
+        f"n_g {groups} x (N_txt {n_txt} x {text_dim} + N_ctx {n_img} x C) x {e} B + {calls} calls x G x N_img x 4 B")
 
-    scratch = (16 + e) if (acd and acd == "fused" and acd_backend == "cpp") else 0
+    # The C++ op converts 16-bit q, k, v to fp32 (and casts out back); fp32 inputs are used in place.
+    scratch = (16 + e) if (acd and acd == "fused" and acd_backend == "cpp" and e == 2) else 0
     k_fwd = ROLLOUT_FWD_COEF["bf16" if mode == "bf16-autocast" else mode]  # the rollout runs without autocast
     rollout_act = G * seq * d * (k_fwd * e + scratch)
     add("rollout_activations", "rollout: transformer activations", rollout_act,
@@ -204,7 +211,7 @@ def estimate_memory(
         "decode": phase_sum("decode"),
         "update": phase_sum("update"),
     }
-    inputs = dict(resolution=resolution, group_size=G, num_anchors=B, num_steps=T, train_steps=n,
+    inputs = dict(resolution=resolution, groups=groups, group_size=G, num_anchors=B, num_steps=T, train_steps=n,
                   train_step_chunk=train_step_chunk, text_len=text_len, lora_rank=lora_rank, dtype=dtype,
                   autocast=autocast, gradient_checkpointing=gradient_checkpointing, offload_states=offload_states,
                   acd=acd, acd_backend=acd_backend, device_type=device_type, num_layers=n_double,

@@ -70,6 +70,7 @@ class DryRunSettings:
     arch: Literal["flux-kontext-dev"] = _opt("flux-kontext-dev", "model architecture (configs of public checkpoints)")
     resolution: int = _opt(1024, "edit height and width in pixels (multiple of 16)")
     group: int = _opt(12, "G: candidates per group")
+    groups: int = _opt(1, "groups per step on this device (groups_per_step x gradient_accumulation_steps)")
     anchors: int = _opt(4, "B: anchors (< G)")
     steps: int = _opt(28, "T: Euler ODE steps of the rollout")
     train_steps: int = _opt(8, "transitions trained (first n, high noise first)")
@@ -98,6 +99,8 @@ class DryRunSettings:
         if self.resolution < 64 or self.resolution % 16:
             raise ValueError(f"--resolution {self.resolution}: must be a multiple of 16 (8x VAE downsampling, "
                              "then 2x2 latent packing) and at least 64")
+        if self.groups < 1:
+            raise ValueError(f"--groups {self.groups}: must be at least 1")
         if self.group < 2:
             raise ValueError(f"--group {self.group}: must be at least 2 (the reference and one perturbed candidate)")
         if not 1 <= self.anchors <= self.group - 1:
@@ -191,6 +194,7 @@ def _estimate_kwargs(s: DryRunSettings, transformer_config: dict, device: torch.
         text_len=s.effective_text_len(), text_dim=spec["text_dim"], lora_rank=s.lora_rank, dtype=s.dtype,
         autocast=s.dtype == "bf16" and device.type == "cuda", gradient_checkpointing=s.gradient_checkpointing,
         offload_states=s.offload_states, acd=("eager" if s.attention == "eager" else "fused") if s.acd else None,
+        groups=s.groups,
         acd_layers=10, acd_backend=acd_backend, device_type=device.type,
     )
 
@@ -265,18 +269,18 @@ def dry_run(s: DryRunSettings, *, log=print) -> dict:
     tmp = tempfile.TemporaryDirectory(prefix="rcgrpo-dryrun-")
     config = RCGRPOConfig(
         model="random", resolution=s.resolution, max_sequence_length=text_len, group_size=s.group,
-        groups_per_step=1, num_inference_steps=s.steps, num_anchors=s.anchors, train_timesteps=str(s.train_steps),
+        groups_per_step=s.groups, num_inference_steps=s.steps, num_anchors=s.anchors, train_timesteps=str(s.train_steps),
         train_step_chunk=s.train_step_chunk, reward_funcs=["redness"], w_acd=0.5 if s.acd else 0.0,
-        acd_layers=acd_layers, acd_mode="eager" if s.attention == "eager" else "fused", acd_text_tokens="all",
+        acd_layers=acd_layers, acd_mode="eager" if s.attention == "eager" else "auto", acd_text_tokens="all",
         lora_rank=s.lora_rank,
         lora_alpha=float(s.lora_rank),
         mixed_precision="bf16" if (s.dtype == "bf16" and device.type == "cuda") else "no",
         gradient_checkpointing=s.gradient_checkpointing, offload_states=s.offload_states, max_steps=1, seed=s.seed,
-        output_dir=tmp.name, checkpoint_every=0, report_to="none", train_size=1, eval_size=0,
+        output_dir=tmp.name, checkpoint_every=0, report_to="none", train_size=s.groups, eval_size=0,
         device="cuda" if device.type == "cuda" else "cpu",
     )
     t1 = time.perf_counter()
-    dataset = SquareDataset(1, size=s.resolution, seed=s.seed)
+    dataset = SquareDataset(s.groups, size=s.resolution, seed=s.seed)
     trainer = RCGRPOTrainer(pipe, config, [("redness", redness_reward)], dataset)
     gen = torch.Generator().manual_seed(s.seed + 1)
     for example in dataset.examples:

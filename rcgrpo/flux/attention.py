@@ -41,7 +41,7 @@ from .heatmap import save_acd_heatmap
 DEFAULT_LAST_K = 10
 _RECORDER_ATTR = "_rcgrpo_acd_recorder"
 SKIP_REASONS = ("attention_mask", "grad", "context_parallel")
-PROCESSOR_MODES = ("fused", "sdpa", "eager")
+PROCESSOR_MODES = ("auto", "fused", "sdpa", "eager")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ class FluxACDAttnProcessor(FluxAttnProcessor):
     """
 
     def __init__(self, recorder: "ACDRecorder | None" = None, layer_index: int = -1, *,
-                 backend: str = "auto", mode: str = "fused"):
+                 backend: str = "auto", mode: str = "auto"):
         super().__init__()
         self.recorder = recorder
         self.layer_index = layer_index
@@ -297,7 +297,9 @@ class FluxACDAttnProcessor(FluxAttnProcessor):
         weights = capture._weights_for_call(batch, text_len, query.device)
 
         # [B, N, H, D] -> [B, H, N, D] (contiguous, so every backend sees the SDPA layout densely).
-        q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))
+        # [B, N, H, D] -> [B, H, N, D] views (unit stride in D): every acd_attention backend takes this
+        # layout without a copy and returns `out` in it, so the flatten below is a view.
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         with self.recorder.mark("acd"):
             if self.mode == "eager":
                 out, mass = acd_attention_eager(q, k, v, text_len, capture.image_len, text_weights=weights)
@@ -434,7 +436,7 @@ def _check_capture_args(token_mask, text_len, image_len, text_weights):
     return token_mask, text_len, n_img, text_weights
 
 
-def attach_acd(transformer, last_k: int = DEFAULT_LAST_K, *, backend: str = "auto", mode: str = "fused",
+def attach_acd(transformer, last_k: int = DEFAULT_LAST_K, *, backend: str = "auto", mode: str = "auto",
                phases=None) -> ACDRecorder:
     """Swap the processors of the last `last_k` attention modules (execution order) for ACD processors.
 
@@ -442,8 +444,10 @@ def attach_acd(transformer, last_k: int = DEFAULT_LAST_K, *, backend: str = "aut
     A model with fewer attention modules gets all of them, with a warning. The original processor
     objects are kept; `detach_acd(transformer)` puts them back. Returns the recorder.
 
-    backend: the `acd_attention` backend. mode: "fused" or "sdpa" (the op's modes), or "eager" (the
-    materialized-weights baseline `acd_attention_eager`, for measurements). phases: an optional
+    backend: the `acd_attention` backend. mode: the op's modes — "auto" (on CUDA the mode of
+    `rcgrpo_kernels.acd_attention.TRITON_AUTO_MODE`, SDPA output + Triton mass until GPU measurements say
+    otherwise), "fused", "sdpa" — or "eager" (the materialized-weights baseline `acd_attention_eager`, for
+    measurements). phases: an optional
     callable `phases(name) -> context manager` that marks each op call (the trainer passes its
     `rcgrpo.train.phases.Phases`; default: a `torch.profiler.record_function` range "rcgrpo/acd").
     """

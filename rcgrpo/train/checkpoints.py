@@ -83,19 +83,20 @@ def _write_lora_file(directory: Path, lora_state: dict) -> None:
                                           weight_name=LORA_WEIGHT_NAME)
 
 
-# What torch.save's C++ writer says when a write fails (full disk, quota): a RuntimeError, not OSError.
-_TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "basic_ios::clear", "iostream error", "file write failed")
+# What the writers say when a write fails (full disk, quota) without raising OSError: torch.save's C++
+# zip writer raises RuntimeError, safetensors raises SafetensorError.
+_WRITE_FAILURES = ("PytorchStreamWriter failed", "basic_ios::clear", "iostream error", "file write failed",
+                   "inline_container.cc", "No space left on device", "I/O error", "Disk quota exceeded")
 
 
 def _is_write_failure(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError)
-                                        and any(m in str(exc) for m in _TORCH_WRITE_FAILURES))
+    return isinstance(exc, OSError) or any(m in str(exc) for m in _WRITE_FAILURES)
 
 
 def _write_failed(what: Path, exc: BaseException) -> CheckpointWriteError:
     code = getattr(exc, "errno", None)
     detail = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    hint = "disk full; " if code == errno.ENOSPC or isinstance(exc, RuntimeError) else ""
+    hint = "disk full; " if code == errno.ENOSPC or not isinstance(exc, OSError) else ""
     return CheckpointWriteError(code or errno.EIO, f"could not write {str(what)!r} ({hint}{detail}); "
                                                    "earlier checkpoints are intact")
 
@@ -106,7 +107,7 @@ def write_lora(directory, lora_state: dict) -> Path:
     try:
         with atomic_directory(directory) as tmp:
             _write_lora_file(tmp, lora_state)
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - writers signal a full disk with several exception types
         if not _is_write_failure(exc):
             raise
         raise _write_failed(directory, exc) from exc
@@ -124,7 +125,7 @@ def write_checkpoint(run_dir, step: int, *, lora_state: dict, optimizer_state: d
             torch.save(scheduler_state, tmp / "scheduler.pt")
             torch.save(rng_state(), tmp / "rng.pt")
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - writers signal a full disk with several exception types
         if not _is_write_failure(exc):
             raise
         raise _write_failed(final, exc) from exc

@@ -81,9 +81,9 @@ class RCGRPOConfig:
                                                      "('prompt', SPEC §7) or every padded position ('all')",
                                                      default="prompt")
     acd_backend: Literal["auto", "triton", "cpp", "torch"] = _doc("acd_attention backend", default="auto")
-    acd_mode: Literal["fused", "sdpa", "eager"] = _doc("ACD attention: 'fused' (one kernel), 'sdpa' (SDPA output + "
-                                                       "mass kernel) or 'eager' (materialized weights, the "
-                                                       "measurement baseline)", default="fused")
+    acd_mode: Literal["auto", "fused", "sdpa", "eager"] = _doc(
+        "ACD attention: 'auto' (the op's default: on CUDA SDPA output + the Triton mass kernel), 'fused' (one "
+        "kernel), 'sdpa', or 'eager' (materialized weights, the measurement baseline)", default="auto")
     advantage: Literal["std", "quasi_norm"] = _doc("group advantage normalization ('quasi_norm': Neighbor GRPO)",
                                                    default="std")
     quasi_norm_p: float = _doc("p of the quasi-norm advantage", default=0.8)

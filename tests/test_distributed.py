@@ -1,0 +1,155 @@
+"""Several processes agree (torchrun, gloo on the CPU): collectives on every path, global metrics,
+stop requests, only rank 0 writes, several nodes. Every run has a timeout, so a hang fails the test."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+pytestmark = pytest.mark.slow
+
+WORKER = r'''
+import json, os, signal, sys
+from pathlib import Path
+import torch
+import rcgrpo.train.trainer as trainer_module
+from rcgrpo.train.config import preset
+from rcgrpo.data.synthetic import SquareDataset, redness_reward
+from rcgrpo.testing import tiny_kontext_pipeline
+
+spec = json.loads(sys.argv[1])
+rank = int(os.environ.get("RANK", "0"))
+out = Path(spec["out"])
+if rank != 0:  # a write by any other rank leaves a marker
+    def forbidden(name, real):
+        def wrapper(*args, **kwargs):
+            (out.parent / f"rank{rank}-wrote-{name}").write_text("x")
+            return real(*args, **kwargs)
+        return wrapper
+    trainer_module.write_checkpoint = forbidden("checkpoint", trainer_module.write_checkpoint)
+    trainer_module.write_lora = forbidden("lora", trainer_module.write_lora)
+calls = [0]
+def reward(edited, sources, masks, instructions, metadata):
+    calls[0] += 1
+    if spec.get("signal_rank") == rank and calls[0] == spec.get("signal_at_call"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return redness_reward(edited, sources, masks, instructions, metadata)
+cfg = preset("tiny", group_size=4, num_anchors=2, groups_per_step=spec["groups"], num_inference_steps=2,
+             max_steps=spec.get("max_steps", 2), reward_funcs=["redness"], reward_weights=[1.0], w_acd=0.5,
+             acd_backend="torch", distance_backend="torch", checkpoint_every=0, sample_every=0, report_to="none",
+             output_dir=str(out), train_size=4, max_grad_norm=0.0, skip_bad_examples=True, log_policy_kl=True)
+data = SquareDataset(4, size=32)
+for i in spec.get("bad_examples", []):
+    data.examples[i].mask = torch.zeros(32, 32)
+tr = trainer_module.RCGRPOTrainer(tiny_kontext_pipeline(0), cfg, [("redness", reward)], data)
+tr.train()
+if tr.accelerator.is_main_process:
+    torch.save(torch.cat([p.detach().reshape(-1) for p in tr.lora_parameters]), out / "lora_vector.pt")
+print("RESULT " + json.dumps({"rank": rank, "step": tr.step, "stopped": tr.stopped_by_signal}), flush=True)
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
+
+
+def _torchrun(tmp_path, spec, *, nproc, extra=()):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *extra, str(script),
+           json.dumps(spec)]
+    if not extra:
+        cmd[3:3] = ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    return cmd
+
+
+def run(tmp_path, spec, *, nproc):
+    proc = subprocess.run(_torchrun(tmp_path, spec, nproc=nproc), env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return _results(proc.stdout)
+
+
+def _results(stdout: str) -> list[dict]:
+    return sorted((json.loads(line.split("RESULT ", 1)[1]) for line in stdout.splitlines() if "RESULT " in line),
+                  key=lambda r: r["rank"])
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_log_and_learn_what_one_process_with_two_groups_does(tmp_path):
+    run(tmp_path, {"out": str(tmp_path / "one" / "run"), "groups": 2}, nproc=1)
+    results = run(tmp_path, {"out": str(tmp_path / "two" / "run"), "groups": 1}, nproc=2)
+    assert [r["step"] for r in results] == [2, 2]
+    one, two = _metrics(tmp_path / "one" / "run"), _metrics(tmp_path / "two" / "run")
+    assert [r["step"] for r in two] == [1, 2] and [r["groups"] for r in two] == [2, 2]
+    for a, b in zip(one, two):
+        for key in ("reward_mean", "reward_std_within_group", "acd_mean", "background_drift", "loss", "policy_kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+        assert b["reward_std_within_group_values"] == pytest.approx(a["reward_std_within_group_values"], rel=1e-5)
+        assert b["background_drift_values"] == pytest.approx(a["background_drift_values"], rel=1e-5, abs=1e-9)
+    lora_one = torch.load(tmp_path / "one" / "run" / "lora_vector.pt", weights_only=True)
+    lora_two = torch.load(tmp_path / "two" / "run" / "lora_vector.pt", weights_only=True)
+    torch.testing.assert_close(lora_two, lora_one, rtol=1e-5, atol=1e-7)
+    assert not list((tmp_path / "two").glob("rank1-wrote-*")), "only rank 0 may write checkpoints and the LoRA"
+    assert (tmp_path / "two" / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_rank_whose_groups_are_all_skipped_still_joins_every_collective(tmp_path):
+    # 2 examples, one bad: every step one rank has only the bad example and skips its group.
+    spec = {"out": str(tmp_path / "run"), "groups": 1, "bad_examples": [1, 3]}
+    results = run(tmp_path, spec, nproc=2)
+    assert [r["step"] for r in results] == [2, 2]
+    rows = _metrics(tmp_path / "run")
+    assert any(r["groups"] == 1 for r in rows), "the seed should give a step where exactly one rank skips"
+    assert rows[-1]["skipped_examples"] == sum(2 - r["groups"] for r in rows)  # counted over both ranks
+
+
+def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    spec = {"out": str(tmp_path / "run"), "groups": 1, "max_steps": 50, "signal_rank": 1, "signal_at_call": 2}
+    results = run(tmp_path, spec, nproc=2)
+    assert [r["stopped"] for r in results] == [15, 15]  # SIGTERM, seen by rank 0 through the agreement
+    assert results[0]["step"] == results[1]["step"] == 2
+    from rcgrpo.train.checkpoints import list_checkpoints
+
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
+
+
+def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        rdzv = ["--nnodes", "2", "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        node_dir = tmp_path / f"node{node}"
+        node_dir.mkdir()
+        cmd = _torchrun(node_dir, {"out": str(tmp_path / "nodes" / "run"), "groups": 1}, nproc=1, extra=rdzv)
+        procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=TIMEOUT_S)
+            assert p.returncode == 0, stderr[-4000:]
+            outputs.append(stdout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [r["step"] for out in outputs for r in _results(out)] == [2, 2]
+    run(tmp_path, {"out": str(tmp_path / "single" / "run"), "groups": 1}, nproc=2)
+    nodes = torch.load(tmp_path / "nodes" / "run" / "lora_vector.pt", weights_only=True)
+    single = torch.load(tmp_path / "single" / "run" / "lora_vector.pt", weights_only=True)
+    torch.testing.assert_close(nodes, single, rtol=1e-5, atol=1e-7)
