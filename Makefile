@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	@test -x $(PY) || $(BOOT_PYTHON) -m venv --system-site-packages $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null && echo "keeping installed torch" || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -e ".[kernels,dev]"
+	@# editscore's own dependencies are the GPU stack (torchvision, qwen-vl-utils): its openai backbone,
+	@# which the tests use, needs only json-repair. Without it the EditScore end-to-end tests skip.
+	$(PY) -m pip install --no-deps "editscore==0.2.*" "json-repair>=0.30" || echo "editscore not installed: its tests will skip"
 	@touch $@
 
 demo: install

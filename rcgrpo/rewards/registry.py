@@ -129,17 +129,23 @@ def resolve_reward(name_or_callable, **kwargs) -> RewardFn:
 
 def reward_funcs_from_config(config) -> list:
     """[(name, callable)] for `config.reward_funcs` (an `RCGRPOConfig`): the names of `resolve_reward`,
-    "redness" (the built-in toy task) or 'module:function'; options come from the config's fields."""
+    "redness" (the built-in toy task), "minibench" (MiniBench's programmatic task reward) or
+    'module:function'; options come from the config's fields."""
     funcs = []
     for name in map(str, config.reward_funcs):
         if name == "redness":
             from ..data.synthetic import redness_reward
 
             funcs.append((name, redness_reward))
+        elif name == "minibench":
+            from ..minibench.reward import minibench_reward
+
+            funcs.append((name, minibench_reward))
         elif name == "editscore":
             if not config.editscore_url:
                 raise ValueError("reward 'editscore' needs --editscore-url http://host:port of a running reward server")
-            funcs.append((name, resolve_reward(name, url=config.editscore_url)))
+            funcs.append((name, resolve_reward(name, url=config.editscore_url, timeout=config.editscore_timeout,
+                                               batch_size=config.editscore_batch_size)))
         elif name in ("clip_lct", "clip_lci"):
             funcs.append((name, resolve_reward(name, model=config.clip_model)))
         else:

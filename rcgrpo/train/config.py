@@ -70,8 +70,10 @@ class RCGRPOConfig:
                                    "editscore, minibench, redness) or 'module:function'",
                                    default_factory=lambda: ["background_psnr"])
     reward_weights: list[float] = _doc("weights of reward_funcs, one each (empty: 1 each)", default_factory=list)
-    editscore_url: str = _doc("URL of an EditScore reward server (python -m rcgrpo.reward_server) for 'editscore'",
-                              default="")
+    editscore_url: str = _doc("URL of an EditScore reward server (python -m rcgrpo.reward_server) for 'editscore'; "
+                              "its token goes in RCGRPO_REWARD_TOKEN or the URL's password", default="")
+    editscore_timeout: float = _doc("seconds to wait for one EditScore request", default=300.0)
+    editscore_batch_size: int = _doc("images per EditScore request", default=8)
     clip_model: str = _doc("CLIP weights for 'clip_lct' / 'clip_lci': hub id, local path or 'tiny-clip'",
                            default="openai/clip-vit-large-patch14")
     w_task: float = _doc("weight of the standardized task reward", default=1.0)
@@ -169,6 +171,8 @@ class RCGRPOConfig:
         for name in ("checkpoint_every", "sample_every", "warmup_steps", "weight_decay", "eval_size", "max_grad_norm"):
             need(getattr(self, name) >= 0, name, "a value ≥ 0")
         need(bool(str(self.output_dir).strip()), "output_dir", "a directory path (not empty)")
+        need(self.editscore_timeout > 0, "editscore_timeout", "a value > 0")
+        need(self.editscore_batch_size >= 1, "editscore_batch_size", "an int ≥ 1")
         trackers = self.trackers()
         need(all(t in REPORT_TO for t in trackers) and ("none" not in trackers or len(trackers) == 1), "report_to",
              f"one or more of {', '.join(REPORT_TO[:-1])} (comma-separated), or none")
