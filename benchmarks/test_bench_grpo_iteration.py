@@ -4,10 +4,11 @@ Each round is one full iteration (RDP rollouts with ACD capture, rewards, standa
 update of the LoRA). Providers set both op backends of the config:
     kernels    acd_backend = distance_backend = "auto" (Triton on CUDA, C++ on CPU when built)
     torch_ref  acd_backend = distance_backend = "torch"
-During the timed rounds the op implementations are wrapped with timers (inside this benchmark only,
-via monkeypatch), which gives the time share of the ACD attention calls and of region_sq_dists
-(forward and backward) in extra_info. On CUDA the timers synchronize around each op call, so shares
-are exact attributions but the step itself gets slightly slower than without the timers.
+During the timed rounds a listener of the trainer's own phases (`trainer.phases`, see
+rcgrpo.train.phases) times the ACD attention calls (phase `acd`) and region_sq_dists forward and
+backward (phase `distances`), which gives their time shares in extra_info; nothing in the package is
+replaced. On CUDA the listener synchronizes at each phase boundary, so shares are exact attributions
+but the step itself gets slightly slower than without it.
 `acd_overhead_share_est` compares the ACD calls with SDPA timed on the same call shapes afterwards:
 the part of the step that ACD adds over plain attention.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import collections
 import os
 import statistics
-import importlib
 import time
 
 import pytest
@@ -27,46 +27,49 @@ import providers
 import telemetry
 
 E2E_PROVIDERS = {"torch_ref": "torch", "kernels": "auto"}  # baseline first
-OP_KEYS = ("acd_attention", "region_sq_dists_fwd", "region_sq_dists_bwd")
+OP_KEYS = ("acd_attention", "region_sq_dists")
 
 
 class OpTimers:
-    """Wraps `_run_backend` of acd_attention and `_forward`/`_backward` of region_sq_dists."""
+    """A listener of the trainer's phases: seconds and calls of `acd` and `distances` (forward inside
+    the update, backward inside loss.backward()), and the shapes of the ACD calls (from the config)."""
 
-    def __init__(self, monkeypatch, device: torch.device):
+    PHASES = {"acd": "acd_attention", "distances": "region_sq_dists"}
+
+    def __init__(self, trainer, device: torch.device):
+        from rcgrpo_kernels import resolve_backend
+
         self.device = device
         self.sync = providers.synchronizer(device)
         self.enabled = False
         self.seconds = collections.Counter()
         self.calls = collections.Counter()
-        self.backends: dict[str, set] = collections.defaultdict(set)
-        self.acd_shapes = collections.Counter()
-        # the package re-exports functions under the submodules' names: fetch the modules themselves
-        attention_module = importlib.import_module("rcgrpo_kernels.acd_attention")
-        distance_module = importlib.import_module("rcgrpo_kernels.region_sq_dists")
+        self._open: dict[str, list[float]] = collections.defaultdict(list)
+        cfg = trainer.config
+        self.backends = {"acd_attention": {resolve_backend(cfg.acd_backend, device, "acd_attention")},
+                         "region_sq_dists": {resolve_backend(cfg.distance_backend, device, "region_sq_dists")}}
+        tcfg = trainer.transformer.config
+        n_img = (cfg.resolution // (2 * trainer.pipe.vae_scale_factor)) ** 2
+        shape = (cfg.group_size, tcfg.num_attention_heads, cfg.max_sequence_length + 2 * n_img,
+                 tcfg.attention_head_dim)
+        self.acd_shape = (shape, trainer.transformer.dtype)
+        trainer.phases.add_listener(self)
 
-        monkeypatch.setattr(attention_module, "_run_backend",
-                            self._wrap("acd_attention", attention_module._run_backend, 7))
-        monkeypatch.setattr(distance_module, "_forward", self._wrap("region_sq_dists_fwd", distance_module._forward, 3))
-        monkeypatch.setattr(distance_module, "_backward",
-                            self._wrap("region_sq_dists_bwd", distance_module._backward, 4))
+    def phase_start(self, name):
+        if self.enabled and name in self.PHASES:
+            self.sync()
+            self._open[name].append(time.perf_counter())
 
-    def _wrap(self, key, fn, backend_arg):
-        def timed(*args, **kwargs):
-            if not self.enabled:
-                return fn(*args, **kwargs)
+    def phase_end(self, name, error=None):
+        if self.enabled and name in self.PHASES and self._open[name]:
             self.sync()
-            start = time.perf_counter()
-            result = fn(*args, **kwargs)
-            self.sync()
-            self.seconds[key] += time.perf_counter() - start
+            key = self.PHASES[name]
+            self.seconds[key] += time.perf_counter() - self._open[name].pop()
             self.calls[key] += 1
-            self.backends[key].add(args[backend_arg])
-            if key == "acd_attention":
-                q = args[0]
-                self.acd_shapes[(tuple(q.shape), q.dtype)] += 1
-            return result
-        return timed
+
+    @property
+    def acd_shapes(self):
+        return {self.acd_shape: self.calls["acd_attention"]}
 
     def sdpa_equivalent_s(self, reps: int = 21) -> float:
         """Total time SDPA takes on the recorded ACD call shapes (same counts; median of `reps` per shape)."""
@@ -109,7 +112,7 @@ def test_grpo_iteration(benchmark, bench_session, bench_device, monkeypatch, tmp
     trainer, config = _build_trainer(backend, tmp_path / provider)
     benchmark.group = (f"grpo_iteration tiny: G={config.group_size} groups={config.groups_per_step} "
                        f"T={config.num_inference_steps} {config.resolution}px w_acd={config.w_acd}")
-    timers = OpTimers(monkeypatch, bench_device)
+    timers = OpTimers(trainer, bench_device)
     sync = providers.synchronizer(bench_device)
 
     per_step: list[dict] = []  # op seconds/calls and the step's own metrics, one entry per timed step
@@ -170,10 +173,9 @@ def test_grpo_iteration(benchmark, bench_session, bench_device, monkeypatch, tmp
         "acd_attention_share": share("acd_attention_s"),
         "sdpa_equivalent_s_per_step": sdpa_s,
         "acd_overhead_share_est": med_of(lambda s: (s["acd_attention_s"] - sdpa_s) / s["time_s"]),
-        "region_sq_dists_calls_per_step": med_of(lambda s: s["region_sq_dists_fwd_calls"] + s["region_sq_dists_bwd_calls"]),
-        "region_sq_dists_fwd_s_per_step": med("region_sq_dists_fwd_s"),
-        "region_sq_dists_bwd_s_per_step": med("region_sq_dists_bwd_s"),
-        "region_sq_dists_share": share("region_sq_dists_fwd_s", "region_sq_dists_bwd_s"),
+        "region_sq_dists_phases_per_step": med("region_sq_dists_calls"),
+        "region_sq_dists_s_per_step": med("region_sq_dists_s"),
+        "region_sq_dists_share": share("region_sq_dists_s"),
         "share_basis": "per timed step: op seconds / the step's own time_s; median over the timed steps",
         "telemetry": nvml.summary(),
     }
