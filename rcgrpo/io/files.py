@@ -5,10 +5,11 @@
     with atomic_directory(path) as tmp: ...   (a directory of files, swapped in when complete)
 
 The data goes to a temporary sibling (`.<name>.tmp-<pid>-<random>`), is fsync'd, and is renamed over
-the destination; the parent directory is fsync'd after the rename. Temporary files are created with
-mode 0666 and directories with 0777, both masked by the process umask, so results are as readable as
-a plain `open(path, "w")` would make them (0644 under umask 022), not mkstemp's 0600. On any error
-the temporary is removed and the destination is left as it was.
+the destination; the parent directory is fsync'd after the rename. Before the rename, files get mode
+0666 and directories 0777, both masked by the process umask, so results are as readable as a plain
+`open(path, "w")` would make them (0644 under umask 022) whatever the writer did (mkstemp and
+safetensors create 0600 files). On any error the temporary is removed and the destination is left as
+it was.
 
 A directory that already exists is replaced in two renames (old → `.<name>.old-<pid>`, new → name);
 `recover_interrupted_replace(parent)` repairs the one window where a crash can leave only the old
@@ -29,6 +30,30 @@ OLD_MARK = ".old-"
 
 def _sibling(path: Path, mark: str) -> Path:
     return path.parent / f".{path.name}{mark}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (/proc/self/status)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, then put it back
+    os.umask(mask)
+    return mask
+
+
+def _normalize_modes(root: Path) -> None:
+    """Give files 0666 and directories 0777, minus the umask: some writers (safetensors) create 0600 files."""
+    mask = current_umask()
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def fsync_path(path: Path) -> None:
@@ -55,6 +80,7 @@ def atomic_file(path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield tmp
+        _normalize_modes(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -86,6 +112,7 @@ def atomic_directory(path) -> Iterator[Path]:
     tmp.mkdir(0o777)
     try:
         yield tmp
+        _normalize_modes(tmp)
         for child in tmp.rglob("*"):
             if child.is_file():
                 fsync_path(child)
@@ -143,6 +170,7 @@ def _remove(path: Path) -> None:
 
 
 __all__ = [
+    "current_umask",
     "atomic_directory",
     "atomic_file",
     "atomic_write_bytes",

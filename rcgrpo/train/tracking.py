@@ -18,6 +18,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import platform
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +69,55 @@ def hyperparameters(config_dict: dict) -> dict:
             value = "none"
         out[key] = value
     return out
+
+
+RUN_INFO_FILE = "run_info.json"
+RESOLVED_CONFIG_FILE = "config.yaml"
+
+
+def versions() -> dict:
+    """Python and the versions of the packages a run depends on (None when not installed)."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("rcgrpo", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "triton"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(path: Path) -> str | None:
+    """The commit of the git checkout holding `path` (with "-dirty" for uncommitted changes), or None."""
+    try:
+        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        if not commit:
+            return None
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_info(output_dir, config, *, world_size: int, device, step: int) -> None:
+    """`config.yaml` (the resolved config) and `run_info.json` (versions, git commit of rcgrpo, command
+    line, processes, device, start time) in the run directory; a resume appends to run_info's history."""
+    output_dir = Path(output_dir)
+    atomic_write_text(output_dir / RESOLVED_CONFIG_FILE, config.to_yaml())
+    info_path = output_dir / RUN_INFO_FILE
+    history = []
+    if info_path.is_file():
+        try:
+            history = json.loads(info_path.read_text()).get("starts", [])
+        except ValueError:
+            history = []
+    history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": step, "argv": sys.argv,
+                    "world_size": world_size, "device": str(device), "host": platform.node(),
+                    "versions": versions(), "rcgrpo_git_commit": git_commit(Path(__file__).resolve().parent)})
+    atomic_write_text(info_path, json.dumps({"starts": history}, indent=2))
 
 
 def truncate_metrics(path: Path, step: int) -> int:
@@ -145,4 +198,5 @@ def _json_default(value):
     return float(value)
 
 
-__all__ = ["METRICS_FILE", "RunLog", "check_trackers", "hyperparameters", "tracker_name", "truncate_metrics"]
+__all__ = ["METRICS_FILE", "RESOLVED_CONFIG_FILE", "RUN_INFO_FILE", "RunLog", "check_trackers", "git_commit",
+           "hyperparameters", "tracker_name", "truncate_metrics", "versions", "write_run_info"]

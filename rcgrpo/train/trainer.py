@@ -36,7 +36,7 @@ from .distributed import Collectives
 from .metrics import GroupSummary, MovingAverage, RowLayout, step_metrics
 from .phases import Phases
 from .signals import StopRequest
-from .tracking import RunLog, check_trackers
+from .tracking import RunLog, check_trackers, write_run_info
 from .update import SurrogateUpdate
 
 
@@ -461,6 +461,8 @@ class RCGRPOTrainer:
         if is_main:
             _prepare_output_dir(self.output_dir)
             clean_run_directory(self.output_dir)
+            write_run_info(self.output_dir, _SavedConfig(self.config), world_size=self.accelerator.num_processes,
+                           device=self.device, step=self.step)
         self.accelerator.wait_for_everyone()
         self.run_log.start(self.step)
         from tqdm.auto import tqdm
@@ -478,7 +480,7 @@ class RCGRPOTrainer:
                     if is_main and cfg.sample_every and self.step % cfg.sample_every == 0:
                         self._save_samples()
                     bar.update(1)
-                    bar.set_postfix(reward=_fmt(metrics.get("reward_mean")), kl=_fmt(metrics.get("policy_kl"), 5))
+                    bar.set_postfix(reward=_fmt(metrics.get("reward_mean")), kl=_fmt(metrics.get("policy_kl"), 1, "e"))
                     signum = self.collectives.max_int(self.stop.signum or 0)  # any rank's request stops all
                     if signum:
                         self.stopped_by_signal = signum
@@ -636,6 +638,18 @@ def _prepare_output_dir(directory: Path) -> None:
         raise PermissionError(f"output directory {str(directory)!r} is not writable ({exc.strerror or exc})") from None
 
 
+class _SavedConfig:
+    """The config as written to the run directory (credentials redacted)."""
+
+    def __init__(self, config: RCGRPOConfig):
+        self.values = _config_for_saving(config)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.values, sort_keys=False)
+
+
 def _config_for_saving(config: RCGRPOConfig) -> dict:
     from ..rewards.editscore import redact_url
 
@@ -664,5 +678,5 @@ def _hwc_uint8(image: torch.Tensor):
     return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype("uint8")
 
 
-def _fmt(value, digits: int = 4):
-    return "-" if value is None else f"{value:.{digits}f}"
+def _fmt(value, digits: int = 4, kind: str = "f"):
+    return "-" if value is None else f"{value:.{digits}{kind}}"
