@@ -174,3 +174,34 @@ def test_steps_log_policy_signals(tmp_path):
     assert 0.0 <= metrics["policy_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
     assert 0.0 <= metrics["pi_old_anchor"] <= 1.0
     assert metrics["policy_kl"] > 0 and metrics["reward_ema"] == pytest.approx(metrics["reward_mean"])
+
+
+# ---------------------------------------------------------------- non-square images keep their aspect
+def test_a_non_square_example_is_edited_at_its_aspect_ratio(tmp_path):
+    from rcgrpo.flux.resolution import edit_size
+
+    image = torch.rand(3, 60, 100)
+    mask = torch.zeros(60, 100)
+    mask[10:30, 20:50] = 1
+    item = {"image": image, "mask": mask, "instruction": "make the square red", "id": "wide"}
+    tr = RCGRPOTrainer(tiny_kontext_pipeline(0), config(tmp_path), [("redness", redness_reward)], [item])
+    group = tr.rollout_group(0, 0, 0)
+    h, w = group.images.shape[-2:]
+    assert (h, w) == edit_size(60, 100, target=32, multiple=4) and w > h
+    assert abs((w / h) / (100 / 60) - 1) < 0.15
+    square = RCGRPOTrainer(tiny_kontext_pipeline(0), config(tmp_path / "sq", keep_aspect=False),
+                           [("redness", redness_reward)], [item])
+    assert square.rollout_group(0, 0, 0).images.shape[-2:] == (32, 32)
+
+
+def test_edit_size_keeps_the_aspect_and_tiles_the_token_grid():
+    from rcgrpo.flux.resolution import edit_size
+
+    assert edit_size(512, 512, target=512, multiple=16) == (512, 512)
+    assert edit_size(600, 800, target=1024, multiple=16) == (880, 1184)  # Kontext's own bucket
+    for height, width in [(37, 61), (700, 600), (400, 1000), (61, 37)]:
+        for target, multiple in [(1024, 16), (512, 16), (64, 8), (32, 4)]:
+            h, w = edit_size(height, width, target=target, multiple=multiple)
+            assert h % multiple == 0 and w % multiple == 0
+            assert abs(h * w / target**2 - 1) < 0.25
+            assert (w > h) == (width > height)

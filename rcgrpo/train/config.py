@@ -40,7 +40,9 @@ class RCGRPOConfig:
                         "CompBench-format directory", default="squares")
     train_size: int = _doc("examples in the built-in training sets", default=16)
     eval_size: int = _doc("held-out examples used for the before/after reward", default=8)
-    resolution: int = _doc("edit height and width in pixels (multiple of 16)", default=512)
+    resolution: int = _doc("edit size in pixels: height × width ≈ resolution² (multiple of 16)", default=512)
+    keep_aspect: bool = _doc("keep each image's aspect ratio (the pipeline's resolution buckets scaled to "
+                             "resolution²) instead of resizing it to resolution × resolution", default=True)
     max_sequence_length: int = _doc("T5 prompt tokens (the pipeline pads the instruction to this length)", default=512)
     skip_bad_examples: bool = _doc("report and skip examples with unusable masks instead of stopping", default=False)
     mask_pooling: Literal["max", "mean"] = _doc("pixel→token mask pooling", default="max")

@@ -25,18 +25,29 @@ def as_edit_example(item, index: int):
     return image.float(), torch.as_tensor(mask).float(), str(instruction), example_id, dict(get("metadata", None) or {})
 
 
-def resize_example(image: torch.Tensor, mask: torch.Tensor, size: int):
-    """Image `[3, H, W]` (bicubic, clamped) and mask `[H, W]` (nearest) resized to `size`×`size`."""
-    image = F.interpolate(image[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
-    mask = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0]
+def resize_example(image: torch.Tensor, mask: torch.Tensor, size):
+    """Image `[3, H, W]` (bicubic, antialiased, clamped) and mask `[H, W]` (nearest) resized to `size`
+    (an int for a square, or `(height, width)`)."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    image = F.interpolate(image[None], size=hw, mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 1)
+    mask = F.interpolate(mask[None, None].float(), size=hw, mode="nearest")[0, 0]
     return image, mask
 
 
-def example_at_resolution(item, index: int, size: int):
-    """`as_edit_example` with image and mask resized to `size`×`size` when they differ."""
+def example_at_resolution(item, index: int, size: int, *, multiple: int | None = None, keep_aspect: bool = False):
+    """`as_edit_example` resized for an edit at about `size`² pixels: `size`×`size`, or with
+    `keep_aspect` the image's aspect ratio kept (`rcgrpo.flux.resolution.edit_size`, sides multiples of
+    `multiple`)."""
     image, mask, instruction, example_id, metadata = as_edit_example(item, index)
-    if image.shape[1] != size or image.shape[2] != size:
-        image, mask = resize_example(image, mask, size)
+    height, width = image.shape[1:]
+    if keep_aspect:
+        from ..flux.resolution import edit_size
+
+        target = edit_size(height, width, target=size, multiple=multiple or 16)
+    else:
+        target = (size, size)
+    if (height, width) != target:
+        image, mask = resize_example(image, mask, target)
     return image, mask, instruction, example_id, metadata
 
 

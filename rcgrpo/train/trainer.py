@@ -215,9 +215,8 @@ class RCGRPOTrainer:
     @torch.no_grad()
     def rollout_group(self, slot: int, index: int, step: int) -> GroupRollout | None:
         cfg = self.config
-        image, pixel_mask, instruction, example_id, metadata = example_at_resolution(
-            self.train_dataset[index], index, cfg.resolution)
-        height = width = cfg.resolution
+        image, pixel_mask, instruction, example_id, metadata = self.edit_input(self.train_dataset[index], index)
+        height, width = image.shape[1:]
         try:
             token_mask = token_mask_for_image(pixel_mask, height, width, self.pipe.vae_scale_factor,
                                               pooling=cfg.mask_pooling, threshold=cfg.mask_threshold,
@@ -432,14 +431,15 @@ class RCGRPOTrainer:
     def edit_example(self, item, index: int, *, seed: int = 12345):
         """(image [3,H,W], task reward) of the edit of one example from a fixed seeded noise."""
         cfg = self.config
-        image, pixel_mask, instruction, _, metadata = example_at_resolution(item, index, cfg.resolution)
-        n_img, channels = latent_shape(self.pipe, cfg.resolution, cfg.resolution)
+        image, pixel_mask, instruction, _, metadata = self.edit_input(item, index)
+        height, width = image.shape[1:]
+        n_img, channels = latent_shape(self.pipe, height, width)
         noise = torch.randn((1, n_img, channels), generator=torch.Generator().manual_seed(seed + index))
         dtype = self.transformer.dtype
         embeds, pooled, _ = self._text_conditioning(instruction)
         result = rollout(self.pipe, image[None].to(self.device, dtype), instruction, noise.to(self.device, dtype),
-                         num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, height=cfg.resolution,
-                         width=cfg.resolution, max_sequence_length=cfg.max_sequence_length, prompt_embeds=embeds,
+                         num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, height=height,
+                         width=width, max_sequence_length=cfg.max_sequence_length, prompt_embeds=embeds,
                          pooled_prompt_embeds=pooled)
         edited = result.images.float().clamp(0, 1)
         source = image[None].to(edited.device)
@@ -448,6 +448,12 @@ class RCGRPOTrainer:
         for name, fn, w in self.reward_funcs:
             total += w * float(_check_reward(fn(edited, source, mask, [instruction], [metadata]), 1, name)[0])
         return edited[0].cpu(), total
+
+    def edit_input(self, item, index: int):
+        """(image, mask, instruction, id, metadata) of a dataset item at the size the trainer edits it:
+        about resolution² pixels, the aspect kept unless `keep_aspect` is off."""
+        return example_at_resolution(item, index, self.config.resolution, multiple=2 * self.pipe.vae_scale_factor,
+                                     keep_aspect=self.config.keep_aspect)
 
     def acd_text_weights(self, instruction: str) -> torch.Tensor | None:
         """The ACD text weights the trainer uses for `instruction` (config `acd_text_tokens`)."""
