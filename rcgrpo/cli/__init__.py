@@ -22,6 +22,7 @@ COMMANDS = {
     "diagnostics": ("rcgrpo.cli.diagnostics", "the paper's Fig. 5 (ECDFs of background drift and reward std) "
                     "from runs' metrics.jsonl"),
     "minibench": ("rcgrpo.cli.minibench", "MiniBench tools: `make` writes a held-out set in the CompBench layout"),
+    "ablate": ("rcgrpo.cli.ablate", "the paper's Table 2 ablation and Fig. 5 on MiniBench (several seeds, one budget)"),
 }
 
 BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
