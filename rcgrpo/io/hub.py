@@ -11,6 +11,22 @@ class WeightsUnavailableError(FileNotFoundError):
     """Model weights could not be found locally and could not be downloaded."""
 
 
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the `rcgrpo` package folder
+
+# Models shipped inside the package, by the short name every `--*-model` option accepts; `load_pretrained`
+# resolves these names before anything else (a local path or hub id of the same name is never consulted).
+# (The tiny editor loads through `rcgrpo.flux.pipeline.load_pipeline`; list it here when it should also be
+# reachable by `load_pretrained`, e.g. `"tiny-editor": _PACKAGE_ROOT / "minibench" / "weights" / "tiny-editor"`.)
+SHIPPED_MODELS: dict[str, Path] = {
+    "tiny-clip": _PACKAGE_ROOT / "minibench" / "weights" / "tiny-clip",  # rcgrpo.minibench.clip (MiniBench CLIP)
+}
+
+
+def shipped_model_path(name: str) -> Path | None:
+    """The folder of a shipped model's short name (`SHIPPED_MODELS`), or None for any other name."""
+    return SHIPPED_MODELS.get(str(name))
+
+
 def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     """Whether the Hugging Face hub endpoint accepts a TCP connection (a quick check, to fail fast offline
     instead of waiting for the hub client's retries)."""
@@ -36,6 +52,7 @@ def load_pretrained(load: Callable[..., Any], name_or_path: str, *, what: str, o
                     local_files_only: bool = False, **kwargs):
     """`load(name_or_path, **kwargs)` (a `from_pretrained`) with a clear error when weights are missing.
 
+    A shipped model's short name (`SHIPPED_MODELS`, e.g. "tiny-clip") loads its folder in the package.
     A local directory loads directly. A hub id loads from the local cache first; only when it is not
     cached and the hub is reachable is it downloaded. Offline and uncached, this fails at once with a
     `WeightsUnavailableError` naming the model and suggesting a local path (instead of the hub client's
@@ -43,6 +60,15 @@ def load_pretrained(load: Callable[..., Any], name_or_path: str, *, what: str, o
     """
     hint = f" (pass {option} /local/path/to/model)" if option else " (pass a local directory instead)"
     text = str(name_or_path)
+    shipped = shipped_model_path(text)
+    if shipped is not None:
+        if not shipped.is_dir():
+            raise WeightsUnavailableError(f"{what} {text!r} is a model shipped with rcgrpo, but its folder "
+                                          f"{str(shipped)!r} is missing from this installation")
+        try:
+            return load(str(shipped), **kwargs)
+        except (OSError, ValueError) as exc:
+            raise WeightsUnavailableError(f"could not load shipped {what} {text!r} from {str(shipped)!r}: {exc}") from None
     path = Path(text).expanduser()
     if path.exists():
         try:
@@ -71,4 +97,4 @@ def load_pretrained(load: Callable[..., Any], name_or_path: str, *, what: str, o
         raise WeightsUnavailableError(f"could not load {what} {str(name_or_path)!r}: {exc}{hint}") from None
 
 
-__all__ = ["WeightsUnavailableError", "hub_reachable", "load_pretrained"]
+__all__ = ["SHIPPED_MODELS", "WeightsUnavailableError", "hub_reachable", "load_pretrained", "shipped_model_path"]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io.hub import load_pretrained
+from ..io.hub import load_pretrained, shipped_model_path
 from .checks import check_reward_inputs
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -93,6 +93,22 @@ def _as_tokenizer(processor):
     raise ValueError(f"processor {type(processor).__name__} has no `tokenizer` and is not callable as a tokenizer")
 
 
+def _saved_image_processor(model_id: str):
+    """The image processor saved next to a local (or shipped) CLIP folder (`preprocessor_config.json`),
+    or None: hub ids keep the defaults below (image size from the vision config, CLIP's mean/std)."""
+    folder = shipped_model_path(model_id) or Path(model_id).expanduser()
+    if not (folder / "preprocessor_config.json").is_file():
+        return None
+    try:  # transformers ≥ 5: the PIL backend (no torchvision)
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
+    try:
+        return Processor.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"CLIP model {model_id!r}: unreadable {str(folder / 'preprocessor_config.json')!r} ({exc})") from None
+
+
 def _features(output) -> torch.Tensor:
     """CLIP `get_*_features` returns a tensor (transformers 4) or an output with `pooler_output` (5)."""
     if isinstance(output, torch.Tensor):
@@ -108,10 +124,12 @@ def _features(output) -> torch.Tensor:
 class ClipEncoder:
     """A transformers CLIPModel plus tokenizer, with torch-only image preprocessing (`clip_preprocess`).
 
-    `model`: a CLIPModel, or a hub id / local path loaded with `CLIPModel.from_pretrained` (default
+    `model`: a CLIPModel, or a hub id / local path / shipped name ("tiny-clip", see
+    `rcgrpo.io.hub.SHIPPED_MODELS`) loaded with `CLIPModel.from_pretrained` (default
     `openai/clip-vit-large-patch14`). `processor`: a CLIPProcessor (its `tokenizer`, and its image
     processor's crop size / mean / std when present) or a tokenizer; loaded from the same path when
-    `model` is a string and neither `processor` nor `tokenizer` is given.
+    `model` is a string and neither `processor` nor `tokenizer` is given. A local or shipped folder's
+    `preprocessor_config.json` gives the crop size / mean / std when no processor is passed.
     """
 
     def __init__(self, model: Any = DEFAULT_CLIP_MODEL, processor: Any = None, *, tokenizer: Any = None,
@@ -119,6 +137,7 @@ class ClipEncoder:
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  batch_size: int = 32, local_files_only: bool = False):
         self.name = model if isinstance(model, str) else type(model).__name__
+        saved_image_processor = None
         if isinstance(model, (str, os.PathLike)):
             from transformers import CLIPModel
 
@@ -130,6 +149,8 @@ class ClipEncoder:
 
                 tokenizer = load_pretrained(AutoTokenizer.from_pretrained, model_id, what="CLIP tokenizer",
                                             option="--clip-model", local_files_only=local_files_only)
+            if processor is None:
+                saved_image_processor = _saved_image_processor(model_id)
         if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
             raise ValueError(f"ClipEncoder: {type(model).__name__} is not a CLIP model (no get_image_features/get_text_features)")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -138,6 +159,8 @@ class ClipEncoder:
         self.dtype = next(self.model.parameters()).dtype
         self.tokenizer = tokenizer if tokenizer is not None else _as_tokenizer(processor)
         image_processor = getattr(processor, "image_processor", None)
+        if image_processor is None:
+            image_processor = saved_image_processor
         if image_size is None:
             crop = getattr(image_processor, "crop_size", None)
             if isinstance(crop, dict):
