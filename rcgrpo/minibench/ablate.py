@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..io.files import atomic_write_text
+from ..train.config import PRESETS, preset
 
 VARIANTS = ("global", "rdp", "rdp_acd", "random_reward")
 METRIC_KEYS = ("task_reward", "LC-I", "LC-T", "PSNR", "SSIM", "LPIPS")
@@ -46,26 +47,30 @@ def _opt(default, text: str, **kwargs):
     return field(default=default, metadata={"help": text}, **kwargs)
 
 
+_PRESET = PRESETS["minibench"]
+
+
 @dataclass
 class AblationConfig:
-    """The options of `rcgrpo ablate` (the protocol of the module docstring)."""
+    """The options of `rcgrpo ablate` (the protocol of the module docstring). Training settings default to
+    the `minibench` preset of `RCGRPOConfig` (the one `make demo` trains)."""
 
     output_dir: str = _opt("runs/ablate", "where runs/, eval/, results.json, results.md and fig5.png go")
-    model: str = _opt("tiny-editor", "base model (tiny-editor is the shipped MiniBench editor)")
+    model: str = _opt(_PRESET["model"], "base model (tiny-editor is the shipped MiniBench editor)")
     variants: list[str] = _opt(list(VARIANTS), "variants to train: " + ", ".join(VARIANTS))
     seeds: list[int] = _opt([0, 1, 2], "training seeds (each variant runs once per seed)")
-    max_steps: int = _opt(40, "optimizer steps per run (the budget)")
-    group_size: int = _opt(8, "G")
-    num_anchors: int = _opt(4, "B")
-    groups_per_step: int = _opt(2, "groups per step")
-    num_inference_steps: int = _opt(8, "T: Euler steps of rollouts and evaluation")
-    train_timesteps: str = _opt("4", "transitions trained per rollout (the first n, high noise first)")
-    learning_rate: float = _opt(5e-4, "AdamW learning rate")
-    lora_rank: int = _opt(8, "LoRA rank (alpha = rank)")
-    alpha_edit: float = _opt(0.3, "α_edit (also σ of the global variant)")
-    alpha_base: float = _opt(0.02, "α_base of RDP")
-    w_acd: float = _opt(0.5, "w_acd of rdp_acd")
-    train_size: int = _opt(512, "MiniBench train-split examples")
+    max_steps: int = _opt(_PRESET["max_steps"], "optimizer steps per run (the budget)")
+    group_size: int = _opt(_PRESET["group_size"], "G")
+    num_anchors: int = _opt(_PRESET["num_anchors"], "B")
+    groups_per_step: int = _opt(_PRESET["groups_per_step"], "groups per step")
+    num_inference_steps: int = _opt(_PRESET["num_inference_steps"], "T: Euler steps of rollouts and evaluation")
+    train_timesteps: str = _opt(_PRESET["train_timesteps"], "transitions trained per rollout (first n, high noise first)")
+    learning_rate: float = _opt(_PRESET["learning_rate"], "AdamW learning rate")
+    lora_rank: int = _opt(_PRESET["lora_rank"], "LoRA rank (alpha = rank)")
+    alpha_edit: float = _opt(_PRESET["alpha_edit"], "α_edit (also σ of the global variant)")
+    alpha_base: float = _opt(_PRESET["alpha_base"], "α_base of RDP")
+    w_acd: float = _opt(_PRESET["w_acd"], "w_acd of rdp_acd")
+    train_size: int = _opt(_PRESET["train_size"], "MiniBench train-split examples")
     eval_per_task: int = _opt(16, "held-out examples per task (add, remove, replace)")
     eval_seed: int = _opt(0, "seed of the held-out set and of the evaluation noises")
     clip_model: str = _opt("tiny-clip", "CLIP for LC-I / LC-T")
@@ -107,18 +112,15 @@ def variant_overrides(variant: str, cfg: AblationConfig) -> dict:
 
 
 def _train_config(cfg: AblationConfig, variant: str, seed: int, run_dir: Path, defaults, n_single: int):
-    from ..train.config import RCGRPOConfig
-
-    return RCGRPOConfig(
-        model=cfg.model, dataset="minibench", train_size=cfg.train_size, eval_size=0,
-        resolution=defaults.resolution, max_sequence_length=defaults.max_sequence_length,
-        guidance_scale=defaults.guidance_scale, group_size=cfg.group_size, num_anchors=cfg.num_anchors,
-        groups_per_step=cfg.groups_per_step, num_inference_steps=cfg.num_inference_steps,
-        train_timesteps=cfg.train_timesteps, alpha_edit=cfg.alpha_edit, alpha_base=cfg.alpha_base,
-        reward_funcs=["minibench"], acd_layers=n_single, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank),
-        learning_rate=cfg.learning_rate, max_steps=cfg.max_steps, seed=seed, output_dir=str(run_dir),
-        checkpoint_every=0, keep_checkpoints=1, sample_every=0, report_to="none", device="cpu",
-        **variant_overrides(variant, cfg))
+    return preset("minibench", model=cfg.model, train_size=cfg.train_size, eval_size=0,
+                  resolution=defaults.resolution, max_sequence_length=defaults.max_sequence_length,
+                  guidance_scale=defaults.guidance_scale, group_size=cfg.group_size, num_anchors=cfg.num_anchors,
+                  groups_per_step=cfg.groups_per_step, num_inference_steps=cfg.num_inference_steps,
+                  train_timesteps=cfg.train_timesteps, alpha_edit=cfg.alpha_edit, alpha_base=cfg.alpha_base,
+                  acd_layers=n_single, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank),
+                  learning_rate=cfg.learning_rate, max_steps=cfg.max_steps, seed=seed, output_dir=str(run_dir),
+                  checkpoint_every=0, keep_checkpoints=1, sample_every=0, report_to="none", device="cpu",
+                  **variant_overrides(variant, cfg))
 
 
 def _task_rewards(results: dict, data_dir: Path) -> dict[str, float]:
