@@ -1,7 +1,9 @@
 """ACD heatmaps: the text→image attention mass a(u) (SPEC §7) drawn over the edited image.
 
 `save_acd_heatmap(image, path, mass)` blends the mass (a capture of `rcgrpo.flux.attention`, or a mass
-tensor) onto the image with a colour map and outlines the edit mask.
+tensor) onto the image with a colour map and outlines the edit mask, in a PNG of the image's size.
+`save_acd_figure(image, path, mass, title=...)` draws the report's version: source, the density per
+token with a colour bar, and the overlay, with a title and panel labels, small images enlarged.
 """
 from __future__ import annotations
 
@@ -94,6 +96,35 @@ def _outline(binary: np.ndarray, thickness: int) -> np.ndarray:
     return binary & near_bg
 
 
+def _render(image, mass, calls, index, mask, grid, alpha, cmap, outline_color):
+    """(overlay `[H, W, 3]` uint8, mass grid `[rows, cols]`, bool pixel mask or None) of the heatmap."""
+    from matplotlib import colormaps
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    rgb = _image_array(image)
+    height, width = rgb.shape[:2]
+    values = _select_mass(mass, calls, index)
+    rows, cols = grid if grid is not None else _infer_grid(values.numel(), height, width)
+    if rows * cols != values.numel():
+        raise ValueError(f"grid {rows}x{cols} does not hold {values.numel()} tokens")
+    heat = F.interpolate(values.reshape(1, 1, rows, cols), size=(height, width), mode="bilinear",
+                         align_corners=False)[0, 0]
+    lo, hi = float(heat.min()), float(heat.max())
+    heat = (heat - lo) / (hi - lo) if hi > lo else torch.zeros_like(heat)
+    colors = colormaps[cmap](heat.numpy())[..., :3] * 255.0
+    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colors
+    out = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    if mask is None and _is_capture(mass):
+        mask = mass.token_mask
+    binary = None
+    if mask is not None:
+        binary = _mask_array(mask, index, (rows, cols), (height, width))
+        edge = _outline(binary, max(1, min(height, width) // 128))
+        out[edge] = np.asarray(outline_color, dtype=np.uint8)
+    return out, values.reshape(rows, cols), rgb, binary
+
+
 def save_acd_heatmap(
     image,
     path,
@@ -114,35 +145,83 @@ def save_acd_heatmap(
     list of call indices. index: which image of the batch. mask: token mask `[N_img]`/`[B, N_img]` or
     pixel mask `[h, w]` whose outline is drawn (default: the capture's token mask). grid: token grid
     `(rows, cols)`, inferred from the image's aspect ratio by default. Written atomically.
+    `save_acd_figure` draws the same with a title, panel labels and a colour bar.
     """
-    from matplotlib import colormaps
     from PIL import Image
 
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    rgb = _image_array(image)
-    height, width = rgb.shape[:2]
-    values = _select_mass(mass, calls, index)
-    rows, cols = grid if grid is not None else _infer_grid(values.numel(), height, width)
-    if rows * cols != values.numel():
-        raise ValueError(f"grid {rows}x{cols} does not hold {values.numel()} tokens")
-    heat = F.interpolate(values.reshape(1, 1, rows, cols), size=(height, width), mode="bilinear",
-                         align_corners=False)[0, 0]
-    lo, hi = float(heat.min()), float(heat.max())
-    heat = (heat - lo) / (hi - lo) if hi > lo else torch.zeros_like(heat)
-    colors = colormaps[cmap](heat.numpy())[..., :3] * 255.0
-    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colors
-    out = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
-    if mask is None and _is_capture(mass):
-        mask = mass.token_mask
-    if mask is not None:
-        edge = _outline(_mask_array(mask, index, (rows, cols), (height, width)), max(1, min(height, width) // 128))
-        out[edge] = np.asarray(outline_color, dtype=np.uint8)
-
+    out, *_ = _render(image, mass, calls, index, mask, grid, alpha, cmap, outline_color)
     path = Path(path)
     with atomic_file(path) as tmp:
         Image.fromarray(out).save(tmp, format="PNG")
     return path
 
 
-__all__ = ["save_acd_heatmap"]
+def acd_density(values: torch.Tensor) -> torch.Tensor:
+    """a(u)·N_img / Σ_u a(u): the attention mass per token relative to a uniform spread (1 = uniform);
+    ACD (SPEC §7) is its mean over the edit tokens."""
+    total = float(values.sum())
+    return values * values.numel() / total if total > 0 else torch.zeros_like(values)
+
+
+def save_acd_figure(
+    image,
+    path,
+    mass,
+    *,
+    calls=None,
+    index: int = 0,
+    mask=None,
+    grid: tuple[int, int] | None = None,
+    title: str | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    min_side: int = 256,
+) -> Path:
+    """A labelled ACD figure (PNG): the source with the edit mask outlined, the attention density per token
+    (a(u) relative to uniform, with a colour bar) and the overlay of `save_acd_heatmap`. Arguments as
+    `save_acd_heatmap`; `title` goes on top (with the ACD value when a mask is known). Small images are
+    drawn enlarged with nearest-neighbour (at least `min_side` pixels), the token grid as blocks."""
+    from ..io.figures import draw_outline, nearest_upscale, pyplot, save_figure
+
+    overlay, values, rgb, binary = _render(image, mass, calls, index, mask, grid, alpha, cmap, (255, 255, 255))
+    density = acd_density(values)
+    acd, token_mask = None, None
+    if binary is not None:
+        # the tokens of the outlined region (max pooling, SPEC §2)
+        token_mask = F.adaptive_max_pool2d(torch.from_numpy(binary).float()[None, None], tuple(values.shape))[0, 0]
+        if bool((token_mask > 0).any()):
+            acd = float(density[token_mask > 0].mean())
+    plt = pyplot()
+    height, width = rgb.shape[:2]
+    side = max(min_side, max(height, width))
+    panel_w, panel_h = side / 100 * width / max(height, width), side / 100 * height / max(height, width)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * panel_w + 1.6, panel_h + 1.1))
+    source = nearest_upscale(rgb, min_side)
+    axes[0].imshow(source, interpolation="nearest")
+    axes[0].set_title("source" + (" (edit mask outlined)" if binary is not None else ""), fontsize=9)
+    if binary is not None:
+        draw_outline(axes[0], binary.astype(np.float32), source.shape[:2])
+    blocks = nearest_upscale(density.numpy(), min_side)  # one block per token
+    im = axes[1].imshow(blocks, cmap=cmap, interpolation="nearest", vmin=0.0)
+    axes[1].set_title(f"density per token ({values.shape[0]}x{values.shape[1]})", fontsize=9)
+    if token_mask is not None:
+        draw_outline(axes[1], token_mask, blocks.shape[:2])
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    bar = fig.colorbar(im, cax=make_axes_locatable(axes[1]).append_axes("right", size="5%", pad=0.06))
+    bar.set_label("a(u) / mean a (1 = uniform)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    axes[2].imshow(nearest_upscale(overlay, min_side), interpolation="nearest")
+    axes[2].set_title("overlay", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    heading = title or "ACD: text-to-image attention mass"
+    if acd is not None:
+        heading += f"   (ACD {acd:.2f}: mean density inside the mask)"
+    fig.suptitle(heading, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+__all__ = ["acd_density", "save_acd_figure", "save_acd_heatmap"]

@@ -1,4 +1,11 @@
-"""The training report: reward curve, before/after edits and ACD heatmaps of held-out examples."""
+"""The training report: reward curve, before/after edits and ACD heatmaps of held-out examples.
+
+Every figure carries a title and labels: `reward_curve.png` (task reward per step with a moving mean;
+ACD and background drift), `before_after.png` (one row per held-out example, columns source / base /
+base + LoRA with the rewards under each edit, the edit mask outlined on the source) and `acd_<id>.png`
+(`rcgrpo.flux.heatmap.save_acd_figure`: source, attention density with a colour bar, overlay). Small
+images are drawn enlarged with nearest-neighbour so their pixels can be read.
+"""
 from __future__ import annotations
 
 import json
@@ -7,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..io.files import atomic_file, atomic_write_text
-from ..io.images import image_grid, save_image
+from ..io.figures import save_labelled_grid
 from ..method.masks import token_mask_for_image
 from .data import example_at_resolution
 
@@ -36,14 +43,17 @@ def plot_reward_curve(metrics: list[dict], path) -> Path | None:
     steps = [m["step"] for m in metrics]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     reward = [m.get("reward_mean") for m in metrics]
-    axes[0].plot(steps, reward, lw=1, alpha=0.5, label="per step")
+    few = len(reward) <= 20
+    axes[0].plot(steps, reward, lw=1, alpha=0.5 if not few else 1.0, marker="o" if few else None, ms=3,
+                 label="per step")
     window = max(1, len(reward) // 10)
-    if len(reward) >= window:
+    if window > 1:
         smooth = [sum(reward[max(0, i - window + 1) : i + 1]) / len(reward[max(0, i - window + 1) : i + 1])
                   for i in range(len(reward))]
-        axes[0].plot(steps, smooth, lw=2, label=f"moving mean ({window})")
+        axes[0].plot(steps, smooth, lw=2, label=f"moving mean ({window} steps)")
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("task reward (group mean)")
+    axes[0].set_title("task reward", fontsize=10)
     axes[0].legend(fontsize=8)
     acd = [m.get("acd_mean") for m in metrics]
     if any(a is not None for a in acd):
@@ -54,11 +64,19 @@ def plot_reward_curve(metrics: list[dict], path) -> Path | None:
     ax2.plot(steps, [d if d is not None else float("nan") for d in drift], color="tab:gray", lw=1)
     ax2.set_ylabel("background drift (latent MSE)", color="tab:gray")
     axes[1].set_xlabel("step")
+    axes[1].set_title("ACD (red) and background drift (gray)", fontsize=10)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"RC-GRPO training: {len(metrics)} logged steps (last step {steps[-1]})", fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -71,7 +89,7 @@ def write_training_report(trainer, *, before: float | None, after: float | None,
     metrics = read_metrics(trainer.output_dir / "metrics.jsonl")
     plot_reward_curve(metrics, out / "reward_curve.png")
     dataset = trainer.eval_dataset if trainer.eval_dataset is not None and len(trainer.eval_dataset) else trainer.train_dataset
-    tiles, rows = [], []
+    tiles, masks, rows = [], [], []
     size = trainer.config.resolution
     for index in range(min(max_examples, len(dataset))):
         image, mask, instruction, example_id, _ = example_at_resolution(dataset[index], index, size)
@@ -81,12 +99,13 @@ def write_training_report(trainer, *, before: float | None, after: float | None,
         finally:
             trainer.transformer.enable_adapters()
         tuned_img, tuned_reward = trainer.edit_example(dataset[index], index)
-        tiles += [image, base_img, tuned_img]
+        tiles.append([image, base_img, tuned_img])
+        masks.append(mask)
         rows.append((example_id, instruction, base_reward, tuned_reward))
         if trainer.recorder is not None:
             save_example_heatmap(trainer, dataset[index], index, out / f"acd_{example_id}.png")
     if tiles:
-        save_image(image_grid([upscale_for_display(t, 128) for t in tiles], columns=3), out / "before_after.png")
+        save_before_after(tiles, masks, rows, out / "before_after.png", step=trainer.step)
     lines = [
         "# RC-GRPO training report",
         "",
@@ -110,17 +129,33 @@ def write_training_report(trainer, *, before: float | None, after: float | None,
     return out
 
 
+def save_before_after(tiles: list[list[torch.Tensor]], masks: list[torch.Tensor], rows: list[tuple], path, *,
+                      step: int | None = None) -> Path:
+    """The before/after figure: a row per example (source with its mask outlined, base, base + LoRA), the
+    example and instruction on the left, the task reward under each edit."""
+    def short(text: str, n: int = 28) -> str:
+        return text if len(text) <= n else text[: n - 1] + "…"
+
+    captions = [["", f"reward {b:.4f}", f"reward {a:.4f} ({a - b:+.4f})"] for _, _, b, a in rows]
+    labels = [f"{eid}\n{short(instr)}" for eid, instr, _, _ in rows]
+    title = "Held-out edits before and after RC-GRPO" + (f" (step {step})" if step is not None else "")
+    return save_labelled_grid(tiles, path, column_labels=["source", "base", "base + LoRA"], row_labels=labels,
+                              captions=captions, title=title, outlines=[[m, None, None] for m in masks])
+
+
 def save_example_heatmap(trainer, item, index: int, path) -> None:
-    """ACD heatmap (mean over layers and steps) of the deterministic edit `trainer.edit_example` makes."""
+    """ACD figure (mean over layers and steps) of the deterministic edit `trainer.edit_example` makes:
+    source, attention density with a colour bar, overlay (`rcgrpo.flux.heatmap.save_acd_figure`)."""
+    from ..flux.heatmap import save_acd_figure
+
     size = trainer.config.resolution
-    image, mask, instruction, *_ = example_at_resolution(item, index, size)
+    image, mask, instruction, example_id, _ = example_at_resolution(item, index, size)
     token_mask = token_mask_for_image(mask, size, size, trainer.pipe.vae_scale_factor)
     weights = trainer.acd_text_weights(instruction)
     with trainer.recorder.capture(token_mask.to(trainer.device), text_weights=weights) as cap:
         trainer.edit_example(item, index)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image, mask = upscale_for_display(image), upscale_for_display(mask[None])[0]
-    trainer.recorder.heatmap(image, path, capture=cap, mask=mask)
+    save_acd_figure(image, path, cap, mask=mask, title=f"ACD of {example_id}: {instruction!r} (step {trainer.step})")
 
 
 def upscale_for_display(image: torch.Tensor, min_side: int = 256) -> torch.Tensor:
