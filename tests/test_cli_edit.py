@@ -25,3 +25,27 @@ def test_edit_default_example_reports_both_schemes_and_saves_images(tmp_path, ca
     # RDP keeps the background: its drift (relative to the edit change) is far below the global one.
     assert mean("rdp", "latent_background_drift") < 0.1 * mean("global", "latent_background_drift")
     assert mean("rdp", "background_drift") < mean("global", "background_drift")
+
+
+def test_edit_size_keeps_aspect_with_the_models_buckets():
+    from rcgrpo.cli.edit import edit_size
+
+    assert edit_size(3000, 4000, 1024, 8) == (880, 1184)  # FLUX.1-Kontext: diffusers' landscape bucket
+    assert edit_size(4000, 3000, 1024, 8) == (1184, 880)
+    assert edit_size(1000, 1000, 1024, 8) == (1024, 1024)
+    h, w = edit_size(3000, 4000, 512, 8)  # buckets scaled to 512² and kept on the 16-pixel token grid
+    assert (h, w) == (448, 592) and h % 16 == 0 and w % 16 == 0
+    assert edit_size(48, 64, 32, 2) == (28, 36)  # tiny: area 32², sides multiples of 4
+    assert edit_size(64, 64, 64, 2) == (64, 64)
+
+
+def test_edit_writes_labelled_scheme_grids(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "edit"
+    assert cli_main(["edit", "--output-dir", str(out), "--group-size", "3", "--steps", "1"]) == 0
+    capsys.readouterr()
+    for scheme in ("global", "rdp"):
+        with Image.open(out / f"{scheme}_grid.png") as im:
+            # 4 tiles of 32 px drawn at >= 192 px each, with labels: far larger than a bare 4x32 px strip
+            assert im.size[0] > 4 * 192 and im.size[1] > 192

@@ -4,11 +4,25 @@ For one source image, mask and instruction it rolls out a group from the same ε
 Neighbor GRPO's global perturbation (α_edit = α_base = σ), once with RDP — and reports per
 candidate how much the edit region changed and how much the background drifted relative to the
 reference candidate (index 0), plus its ACD reward. Candidate images are saved.
+
+With `--image`/`--mask` the edit keeps the image's aspect ratio: its height × width is the pipeline's
+resolution bucket nearest the image's aspect ratio (diffusers' PREFERRED_KONTEXT_RESOLUTIONS, scaled
+to `--resolution`² pixels when that is not 1024) or, for the tiny models (resolution ≤ 64), an area
+of resolution² with each side rounded to the token size (2 × the VAE scale factor). The image is
+resized bicubic (antialiased), the mask by max pooling when shrinking and nearest when enlarging (so
+no edit region is lost, as SPEC §2 pools pixels into tokens). How files are read (EXIF orientation,
+16-bit and palette images, 0/255, 0/1, soft and alpha masks) is in `rcgrpo.io.images`.
+Every input is checked before the model loads: files readable, sizes matching, the mask neither empty
+nor full (on the token grid too, when the model's VAE is known from its config files), the LoRA
+file's header, the output directory; the LoRA's modules and shapes right after the model loads,
+before any rollout.
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -19,11 +33,16 @@ from ..data.synthetic import EditExample, square_example
 from ..flux.rollout import background_drift, latent_shape, rollout
 from ..flux.text import acd_text_weights
 from ..io.files import atomic_write_text
-from ..io.images import image_grid, load_image, load_mask, save_image
+from ..io.figures import save_labelled_grid
+from ..io.images import (MaskWarning, file_has_alpha, fit_size, load_image, load_mask, resize_image, resize_mask,
+                         save_image)
 from ..method.masks import token_mask_for_image
 from ..method.rdp import region_decoupled_noise
 from .parsing import parse
-from .validation import check_output_dir
+from .validation import (check_edit_inputs, check_input_file, check_lora_file, check_mask_on_grid,
+                         check_output_dir)
+
+TINY_RESOLUTION_LIMIT = 64  # models at or below this resolution size edits by area, not by Kontext's buckets
 
 
 def _opt(default, text: str):
@@ -150,7 +169,10 @@ class EditArguments:
     """Options of `rcgrpo edit`."""
 
     image: Optional[str] = _opt(None, "source image file (default: a built-in generated example)")
-    mask: Optional[str] = _opt(None, "edit mask file, same size as the image (white = edit region)")
+    mask: Optional[str] = _opt(None, "edit mask file, same size as the image (white = edit region): 0/255, 0/1 "
+                                     "(a mask whose maximum is 1 means 1 = edit), soft values, 8 or 16 bits")
+    mask_channel: Literal["luminance", "alpha"] = _opt("luminance", "where the mask is: the gray level of the mask "
+                                                                    "file, or its alpha channel")
     prompt: Optional[str] = _opt(None, "edit instruction")
     model: str = _opt("tiny", "tiny | tiny-editor | a local FLUX.1-Kontext directory | a hub id")
     lora: Optional[str] = _opt(None, "directory with pytorch_lora_weights.safetensors to load")
@@ -163,12 +185,19 @@ class EditArguments:
     global_sigma: Optional[float] = _opt(None, "σ of the global-perturbation baseline (default: alpha_edit)")
     acd_text_tokens: Literal["prompt", "all"] = _opt("prompt", "ACD text queries: the instruction's tokens or every "
                                                                "padded T5 position")
+    resolution: Optional[int] = _opt(None, "edit area as the side of a square of equal area; the aspect ratio is "
+                                            "the image's (default: the model's, 1024 for FLUX.1-Kontext)")
     seed: int = _opt(0, "seed of ε* and the perturbations")
     device: Optional[str] = _opt(None, "cpu or cuda (default: cuda when available)")
 
     def validate(self) -> None:
+        """Flag ranges and every input file, before any model is loaded."""
         if (self.image is None) != (self.mask is None):
             raise ValueError("--image and --mask must be given together")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("--prompt: expected an edit instruction, got an empty string")
+        if self.resolution is not None and self.resolution < 16:
+            raise ValueError(f"--resolution: expected an int ≥ 16, got {self.resolution}")
         if self.group_size < 2:
             raise ValueError(f"--group-size: expected an int ≥ 2 (the reference and a perturbed candidate), "
                              f"got {self.group_size}")
@@ -179,30 +208,91 @@ class EditArguments:
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected a value in [0, 1], got {value}")
         check_output_dir(self.output_dir, "--output-dir")
+        if self.image is not None:
+            check_input_file(self.image, "--image")
+            check_input_file(self.mask, "--mask")
+        if self.lora is not None:
+            check_lora_file(self.lora, "--lora")
 
 
 def main(argv: list[str], prog: str = "rcgrpo edit") -> int:
     args = parse((EditArguments,), argv, prog, description=__doc__.splitlines()[0])
     args.validate()
-    return run_edit(args)
+    return run_edit(args, prog)
 
 
-def run_edit(args: EditArguments) -> int:
-    from ..flux.pipeline import load_pipeline
+def edit_size(height: int, width: int, resolution: int, vae_scale_factor: int) -> tuple[int, int]:
+    """(height, width) of the edit of a `height`×`width` image for a model of `resolution` (module docstring)."""
+    multiple = 2 * vae_scale_factor
+    buckets = None
+    if resolution > TINY_RESOLUTION_LIMIT:
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
-    if args.image:  # read the inputs before the model
+        buckets = list(PREFERRED_KONTEXT_RESOLUTIONS)
+    return fit_size(height, width, area=resolution * resolution, multiple=multiple, buckets=buckets)
+
+
+def prepare_example(image: torch.Tensor, mask: torch.Tensor, args: "EditArguments", resolution: int,
+                    vae_scale_factor: int) -> EditExample:
+    """The image and mask resized to the edit size (aspect kept), the mask checked on the token grid."""
+    height, width = edit_size(image.shape[1], image.shape[2], resolution, vae_scale_factor)
+    image, mask = resize_image(image, height, width), resize_mask(mask, height, width)
+    check_mask_on_grid(mask, height, width, vae_scale_factor, source=args.mask)
+    return EditExample(image=image, mask=mask, instruction=args.prompt or "edit the masked region",
+                       example_id=Path(args.image).stem)
+
+
+def _expected_defaults(model: str):
+    """The ModelDefaults `load_pipeline` will return for `model` (known before loading it)."""
+    from ..flux.defaults import KONTEXT_DEFAULTS, TINY_DEFAULTS
+
+    if model in (None, "tiny"):
+        return TINY_DEFAULTS
+    if model == "tiny-editor":
+        from .. import testing
+
+        return testing.TINY_EDITOR_DEFAULTS
+    return KONTEXT_DEFAULTS
+
+
+def load_edit_inputs(args: "EditArguments", prog: str = "rcgrpo edit") -> tuple[torch.Tensor, torch.Tensor]:
+    """(image [3, H, W], mask [H, W]) read from --image/--mask and checked; mask warnings become one line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MaskWarning)
         image = load_image(args.image, name="--image")
-        mask = load_mask(args.mask, name="--mask")
+        mask = load_mask(args.mask, name="--mask", channel=args.mask_channel)
+    for w in caught:
+        if issubclass(w.category, MaskWarning):
+            print(f"{prog}: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    check_edit_inputs(image, mask, mask_source=args.mask,
+                      mask_has_alpha=args.mask_channel == "luminance" and file_has_alpha(args.mask))
+    return image, mask
+
+
+def run_edit(args: EditArguments, prog: str = "rcgrpo edit") -> int:
+    from ..flux.pipeline import load_pipeline
+    from .preflight import vae_scale_factor
+
+    if args.image:  # read and check the inputs before the model
+        image, mask = load_edit_inputs(args, prog)
+        factor = vae_scale_factor(args.model)
+        if factor is not None:  # the token grid is known from the model's config files
+            prepare_example(image, mask, args, args.resolution or _expected_defaults(args.model).resolution, factor)
     pipe, defaults = load_pipeline(args.model, device=args.device)
     if args.lora:
         from ..flux.pipeline import load_lora
 
         load_lora(pipe, args.lora)
+    resolution = args.resolution or defaults.resolution
     if args.image:
-        example = EditExample(image=image, mask=mask, instruction=args.prompt or "edit the masked region",
-                              example_id=Path(args.image).stem)
+        example = prepare_example(image, mask, args, resolution, int(pipe.vae_scale_factor))
+        resized = f", resized from {image.shape[2]}x{image.shape[1]}" if tuple(image.shape[1:]) != tuple(
+            example.image.shape[1:]) else ""
     else:
         example = square_example(args.seed, min(defaults.resolution, 512))
+        resized = ""
         if args.prompt:
             example.instruction = args.prompt
     steps = args.steps or defaults.num_inference_steps
@@ -221,12 +311,27 @@ def run_edit(args: EditArguments) -> int:
     for scheme, imgs in images.items():
         for i, img in enumerate(imgs):
             save_image(img, out / scheme / f"candidate_{i:02d}.png")
-        save_image(image_grid([example.image, *imgs], columns=len(imgs) + 1), out / f"{scheme}_grid.png")
-    report = {"instruction": example.instruction, "steps": steps, "seconds": elapsed,
-              "candidates": [asdict(r) for r in reports]}
+        save_scheme_grid(example, imgs, [r for r in reports if r.scheme == scheme], scheme,
+                         out / f"{scheme}_grid.png")
+    height, width = example.image.shape[1:]
+    report = {"instruction": example.instruction, "steps": steps, "seconds": elapsed, "height": int(height),
+              "width": int(width), "candidates": [asdict(r) for r in reports]}
+    if args.image:
+        report["source_size"] = [int(image.shape[1]), int(image.shape[2])]
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    print(f'edit "{example.instruction}" ({example.image.shape[2]}x{example.image.shape[1]} px, '
+    print(f'edit "{example.instruction}" ({width}x{height} px{resized}, '
           f"{args.group_size} candidates, {steps} steps, {elapsed:.2f} s)")
     print(format_report(reports))
     print(f"images written to {out}/")
     return 0
+
+
+def save_scheme_grid(example: EditExample, imgs: torch.Tensor, reports: list[CandidateReport], scheme: str,
+                     path) -> Path:
+    """One labelled row: the source (mask outlined) and every candidate, its changes under it."""
+    labels = ["source"] + [f"{i}" + (" (ε*, reference)" if i == 0 else "") for i in range(len(imgs))]
+    captions = [[""] + [f"edit Δ {r.edit_change:.3f}\nbg drift {r.background_drift:.3f}" for r in reports]]
+    name = {"rdp": "RDP (region-decoupled)", "global": "global perturbation (Neighbor GRPO)"}.get(scheme, scheme)
+    return save_labelled_grid([[example.image, *imgs]], path, column_labels=labels, captions=captions,
+                              title=f"{name}: {example.instruction!r}",
+                              outlines=[[example.mask] + [None] * len(imgs)])
