@@ -117,3 +117,11 @@ def test_every_module_imports():
         except Exception as exc:  # noqa: BLE001 - collected and reported together
             failures[name] = f"{type(exc).__name__}: {exc}"
     assert not failures, failures
+
+
+def test_pyproject_lists_every_package():
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE_ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(p) for p in PACKAGE_ROOT.rglob("__init__.py")} | {"rcgrpo_kernels"}
+    assert found == listed, f"missing from pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"
