@@ -251,17 +251,17 @@ def test_not_an_image(tmp_path, capsys, no_model):
     image, _ = square_inputs(tmp_path)
     (tmp_path / "mask.txt").write_text("white square in the middle")
     rc, _, err = run(edit_args(tmp_path, image, tmp_path / "mask.txt"), capsys)
-    assert_refused(rc, err, "--mask", "mask.txt", "not an image")
+    assert_refused(rc, err, "--mask", "mask.txt", "is not a readable image")
 
 
 def test_mask_size_differs(tmp_path, capsys, no_model):
     image, _ = square_inputs(tmp_path)
     png(tmp_path / "small.png", np.full((16, 16), 255, np.uint8) * np.eye(16, dtype=np.uint8))
     rc, _, err = run(edit_args(tmp_path, image, tmp_path / "small.png"), capsys)
-    assert_refused(rc, err, "--mask", "small.png", "16x16", "32x32")
+    assert_refused(rc, err, "--mask", "small.png", "16x16", "32x32", "does not match")
 
 
-@pytest.mark.parametrize("value,what", [(0, "empty"), (255, "covers every pixel")])
+@pytest.mark.parametrize("value,what", [(0, "every pixel is 0"), (255, "every pixel is edit")])
 def test_empty_or_full_mask(tmp_path, capsys, no_model, value, what):
     image, _ = square_inputs(tmp_path)
     png(tmp_path / "m.png", np.full((32, 32), value, np.uint8))

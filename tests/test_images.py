@@ -296,7 +296,7 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(ValueError, match="is a directory"):
         load_image(tmp_path)
     (tmp_path / "text.png").write_text("not an image")
-    with pytest.raises(ValueError, match=r"text.png.* not an image file"):
+    with pytest.raises(ValueError, match=r"text.png.* is not a readable image"):
         load_image(tmp_path / "text.png")
     good = _png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3)).astype(np.uint8)))
     (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])

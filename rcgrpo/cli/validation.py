@@ -64,13 +64,15 @@ def check_edit_inputs(image, mask, *, image_option: str = "--image", mask_option
     ih, iw = image.shape[-2:]
     mh, mw = mask.shape[-2:]
     if (ih, iw) != (mh, mw):
-        raise ValueError(f"{where}: the mask is {mw}x{mh} pixels but {image_option} is {iw}x{ih} (width x height, "
-                         "after EXIF orientation); they must match")
+        raise ValueError(f"{where}: mask size {mw}x{mh} does not match the image size {iw}x{ih} of {image_option} "
+                         "(width x height, after EXIF orientation)")
     hint = " (the file has an alpha channel: --mask-channel alpha reads the mask from it)" if mask_has_alpha else ""
     if float(mask.max()) <= 0:
-        raise ValueError(f"{where}: the mask is empty (every pixel is 0; white = edit region){hint}")
+        raise ValueError(f"{where}: the edit mask selects no token (every pixel is 0: empty edit region; white = "
+                         f"edit){hint}")
     if float(mask.min()) >= 1:
-        raise ValueError(f"{where}: the mask covers every pixel (no background left to preserve){hint}")
+        raise ValueError(f"{where}: the edit mask covers every token (every pixel is edit: no background left to "
+                         f"preserve){hint}")
 
 
 def check_mask_on_grid(mask, height: int, width: int, vae_scale_factor: int, *, option: str = "--mask",

@@ -93,9 +93,9 @@ def _decode(fh, where: str):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ValueError(f"{where}: refused as a possible decompression bomb ({exc})") from None
     except UnidentifiedImageError:
-        raise ValueError(f"{where} is not an image file PIL can read") from None
-    except OSError as exc:
-        raise ValueError(f"{where} cannot be read ({exc.strerror or exc})") from None
+        raise ValueError(f"{where} is not a readable image (PIL cannot identify its format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{where} is not a readable image ({exc})") from None
     with img:
         width, height = img.size
         if limit and width * height > limit:  # Image.open already refuses these; kept for a patched Pillow
@@ -108,7 +108,7 @@ def _decode(fh, where: str):
             img.load()
             return ImageOps.exif_transpose(img), _bits_per_sample(img)  # a new image, independent of the file
         except Exception as exc:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, struct.error) is a bad file
-            raise ValueError(f"{where} is truncated or corrupt ({exc})") from None
+            raise ValueError(f"{where} is not a readable image: truncated or corrupt ({exc})") from None
 
 
 def _bits_per_sample(img) -> int | None:
