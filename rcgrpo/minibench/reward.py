@@ -123,7 +123,7 @@ def minibench_reward_terms(edited, sources, masks, instructions=None, metadata=N
                            color_sigma: float = COLOR_SIGMA, shape_beta: float = SHAPE_BETA,
                            tau_rest: float = TAU_REST, tau_fill: float = TAU_FILL) -> dict[str, torch.Tensor]:
     """Every term `[B]` (NaN where a task has no such term) and the total `"reward"` `[B]`."""
-    from rcgrpo.rewards import check_reward_inputs
+    from ..rewards.checks import check_reward_inputs
 
     batch = check_reward_inputs(edited, sources, masks, instructions, metadata, name="minibench_reward")
     if masks is None or metadata is None:
