@@ -9,8 +9,9 @@ accepted too) says what should be inside the mask. The ground-truth image is nev
 - **object** (add, replace): a soft colour map `p(x) = exp(−‖e(x) − rgb(colour)‖² / (2 s²))` of the
   requested colour (palette value, s = `color_sigma`) over the mask, compared with the templates of
   every shape kind drawn at the object's place and size: `IoU_k = Σ p·O_k / Σ (p + O_k − p·O_k)`.
-  object = IoU_target · softmax_k(β · IoU_k)[target] — the right colour where the right shape is, and
-  a shape that is more like the requested kind than like the others (β = `shape_beta`).
+  object = IoU_target · (1 − w + w · softmax_k(β · IoU_k)[target]): the right colour where the right
+  shape is, and, for the share w = `shape_weight` of the credit, a shape more like the requested kind
+  than like the others (β = `shape_beta`). A right-coloured blob in the right place gets partial credit.
 - **gone** (remove, and the part of a replaced object the new one does not cover): `1 − mean p_old`
   over that region, the old colour is no longer there.
 - **fill** (same region): it looks like the surrounding background, `exp(−mse / tau_fill)` against a
@@ -37,10 +38,11 @@ from .tasks import COLORS, SHAPES, shape_coverage
 TERM_WEIGHTS = {
     "add": {"object": 0.6, "rest": 0.4},
     "remove": {"cleared": 0.7, "rest": 0.3},
-    "replace": {"object": 0.6, "cleared": 0.1, "rest": 0.3},
+    "replace": {"object": 0.5, "cleared": 0.2, "rest": 0.3},
 }
 COLOR_SIGMA = 0.13
 SHAPE_BETA = 25.0
+SHAPE_WEIGHT = 0.5  # object = IoU · (1 − w + w · P(shape)): half the credit needs the right shape kind
 TAU_REST = 0.01
 TAU_FILL = 0.02
 MIN_REGION_PIXELS = 2.0  # a region (gone/fill/rest) smaller than this many pixels is left out
@@ -121,7 +123,8 @@ def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def minibench_reward_terms(edited, sources, masks, instructions=None, metadata=None, *,
                            color_sigma: float = COLOR_SIGMA, shape_beta: float = SHAPE_BETA,
-                           tau_rest: float = TAU_REST, tau_fill: float = TAU_FILL) -> dict[str, torch.Tensor]:
+                           tau_rest: float = TAU_REST, tau_fill: float = TAU_FILL,
+                           shape_weight: float = SHAPE_WEIGHT) -> dict[str, torch.Tensor]:
     """Every term `[B]` (NaN where a task has no such term) and the total `"reward"` `[B]`."""
     from ..rewards.checks import check_reward_inputs
 
@@ -160,7 +163,7 @@ def minibench_reward_terms(edited, sources, masks, instructions=None, metadata=N
             k = SHAPES.index(after["shape"])
             shape_prob = torch.softmax(shape_beta * ious, 0)[k]
             out["presence"][i], out["shape_prob"][i] = ious[k], shape_prob
-            terms["object"] = ious[k] * shape_prob
+            terms["object"] = ious[k] * (1 - shape_weight + shape_weight * shape_prob)
         if before is not None:
             old_cov = _templates(before, h, w)[before["shape"]]
             # the part of the old object that the new one does not cover (soft, in [0, 1])
