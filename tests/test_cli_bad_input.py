@@ -56,7 +56,7 @@ def no_rollout(monkeypatch):
     def rollout(*args, **kwargs):
         raise AssertionError("a rollout ran before the bad input was refused")
 
-    monkeypatch.setattr("rcgrpo.cli.edit.rollout", rollout)
+    monkeypatch.setattr("rcgrpo.flux.compare.rollout", rollout)
 
 
 def png(path, arr, mode=None, **kwargs):
@@ -290,7 +290,7 @@ def test_mask_full_on_the_token_grid(tmp_path, capsys, monkeypatch):
     dots = np.zeros((32, 32), np.uint8)
     dots[::4, ::4] = 255
     png(tmp_path / "dots.png", dots)
-    monkeypatch.setattr("rcgrpo.cli.edit.rollout", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rollout")))
+    monkeypatch.setattr("rcgrpo.flux.compare.rollout", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rollout")))
     rc, _, err = run(edit_args(tmp_path, image, tmp_path / "dots.png"), capsys)
     assert_refused(rc, err, "--mask", "dots.png", "covers every token", "token grid")
 

@@ -7,7 +7,7 @@ import torch
 
 import rcgrpo.flux.attention as attention_module
 from rcgrpo.cli import main as cli_main
-from rcgrpo.cli.edit import perturbation_schemes
+from rcgrpo.flux.compare import perturbation_schemes
 from rcgrpo.data.synthetic import SquareDataset, redness_reward
 from rcgrpo.flux.text import prompt_token_mask
 from rcgrpo.testing import tiny_kontext_pipeline

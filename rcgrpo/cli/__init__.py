@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 
 from .parsing import UsageError
 
@@ -58,11 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         if name not in COMMANDS:
             raise UsageError(f"rcgrpo: invalid choice: {name!r} (choose from {', '.join(COMMANDS)})")
         module = importlib.import_module(COMMANDS[name][0])
-        if not debug:
+        asks_help = any(a in ("-h", "--help") for a in argv[1:])
+        if not debug and not asks_help:  # --help stays fast: diffusers is not imported for it
             _quiet_libraries()
-        if hasattr(module, "main"):
-            return int(module.main(argv[1:], prog=f"rcgrpo {name}") or 0)
-        return _run_argparse_command(module, name, argv[1:])
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _one_line_warning
+            if hasattr(module, "main"):
+                return int(module.main(argv[1:], prog=f"rcgrpo {name}") or 0)
+            return _run_argparse_command(module, name, argv[1:])
     except SystemExit as exc:  # --help of a command
         return exc.code if isinstance(exc.code, int) else 0
     except (UsageError, *BAD_INPUT_ERRORS) as exc:
@@ -87,6 +92,12 @@ def _run_argparse_command(module, name: str, argv: list[str]) -> int:
     parser = Parser(prog=f"rcgrpo {name}")
     getattr(module, f"add_{name}_arguments")(parser)
     return int(getattr(module, f"run_{name}")(parser.parse_args(argv)) or 0)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings as one `rcgrpo: warning: ...` line on stderr (the location only with --debug)."""
+    text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+    print(f"rcgrpo: warning: {text}", file=file or sys.stderr)
 
 
 def _quiet_libraries() -> None:

@@ -8,7 +8,7 @@ DESCRIPTION = ("One RC-GRPO iteration (rollout, ACD, decode, reward, update) of 
 
 
 def main(argv: list[str], prog: str = "rcgrpo dryrun") -> int:
-    from ..dryrun.run import DryRunSettings
+    from ..dryrun.settings import DryRunSettings
 
     settings = parse((DryRunSettings,), argv, prog, description=DESCRIPTION)
     settings.validate()

@@ -27,141 +27,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
-
-from ..data.synthetic import EditExample, square_example
-from ..flux.rollout import background_drift, latent_shape, rollout
-from ..flux.text import acd_text_weights
-from ..io.files import atomic_write_text
-from ..io.figures import save_labelled_grid
-from ..io.images import (MaskWarning, file_has_alpha, fit_size, load_image, load_mask, resize_image, resize_mask,
-                         save_image)
-from ..method.masks import token_mask_for_image
-from ..method.rdp import region_decoupled_noise
 from .parsing import parse
-from .validation import (check_edit_inputs, check_input_file, check_lora_file, check_mask_on_grid,
-                         check_output_dir)
+from .validation import check_input_file, check_lora_file, check_output_dir
 
-TINY_RESOLUTION_LIMIT = 64  # models at or below this resolution size edits by area, not by Kontext's buckets
+# The model code (torch, diffusers) is imported inside the functions that run: `rcgrpo edit --help`
+# parses without it.
 
 
 def _opt(default, text: str):
     return field(default=default, metadata={"help": text})
-
-
-@dataclass
-class CandidateReport:
-    scheme: str
-    index: int
-    edit_change: float  # RMS pixel change vs the reference candidate inside the mask
-    background_drift: float  # RMS pixel change vs the reference candidate outside the mask
-    latent_background_drift: float  # mean squared final-latent difference outside the mask
-    acd: float  # R_acd of the candidate (mean over the recorded layers and steps)
-
-
-def perturbation_schemes(alpha_edit: float, alpha_base: float, global_sigma: float | None = None
-                         ) -> dict[str, tuple[float, float]]:
-    """{name: (α_edit, α_base)} for the side-by-side comparison; the global σ defaults to α_edit, so
-    both schemes perturb the edit region equally (SPEC §3)."""
-    sigma = alpha_edit if global_sigma is None else global_sigma
-    return {"global": (sigma, sigma), "rdp": (alpha_edit, alpha_base)}
-
-
-def region_rms(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> float:
-    """sqrt(Σ w (a − b)² / (C·Σ w)) for images `[C, H, W]` and a pixel weight `[H, W]`."""
-    sq = (a.float() - b.float()).square().sum(0)
-    return float((sq * weight).sum() / (a.shape[0] * weight.sum()).clamp_min(1e-12)) ** 0.5
-
-
-def edit_group(
-    pipe,
-    example: EditExample,
-    *,
-    group_size: int = 4,
-    num_steps: int = 4,
-    guidance_scale: float = 2.5,
-    alpha_edit: float = 0.3,
-    alpha_base: float = 0.02,
-    global_sigma: float | None = None,
-    seed: int = 0,
-    max_sequence_length: int = 512,
-    acd_layers: int = 10,
-    acd_backend: str = "auto",
-    acd_text_tokens: str = "prompt",
-) -> tuple[list[CandidateReport], dict[str, torch.Tensor]]:
-    """Roll out both schemes; returns per-candidate reports and `{scheme: images [G, 3, H, W]}`.
-    ACD counts the instruction's real T5 tokens (`acd_text_tokens="prompt"`) or every position ("all")."""
-    _, height, width = example.image.shape
-    token_mask = token_mask_for_image(example.mask, height, width, pipe.vae_scale_factor, name=example.example_id)
-    n_img, channels = latent_shape(pipe, height, width)
-    latent_mask = token_mask[:, None].expand(n_img, channels)
-    device = pipe.transformer.device
-    dtype = pipe.transformer.dtype
-    text_weights = acd_text_weights(pipe, example.instruction, max_sequence_length, acd_text_tokens)
-    recorder = _attach_acd(pipe, acd_layers, acd_backend)
-    reports: list[CandidateReport] = []
-    images: dict[str, torch.Tensor] = {}
-    try:
-        for scheme, (a_edit, a_base) in perturbation_schemes(alpha_edit, alpha_base, global_sigma).items():
-            gen = torch.Generator().manual_seed(seed)
-            noises = region_decoupled_noise((n_img, channels), latent_mask, group_size=group_size,
-                                            alpha_edit=a_edit, alpha_base=a_base, generator=gen)
-            source = example.image[None].to(device=device, dtype=dtype)
-            with recorder.capture(token_mask.to(device), text_weights=text_weights) as cap:
-                result = rollout(pipe, source, example.instruction, noises.to(device=device, dtype=dtype),
-                                 num_steps=num_steps, guidance_scale=guidance_scale, height=height,
-                                 width=width, max_sequence_length=max_sequence_length)
-            acd_values = cap.reward().float().cpu()
-            imgs = result.images.float().cpu()
-            images[scheme] = imgs
-            latent_drift = background_drift(result.states[:, -1], token_mask).cpu()
-            for i in range(group_size):
-                reports.append(CandidateReport(
-                    scheme=scheme,
-                    index=i,
-                    edit_change=region_rms(imgs[i], imgs[0], example.mask),
-                    background_drift=region_rms(imgs[i], imgs[0], 1.0 - example.mask),
-                    latent_background_drift=float(latent_drift[i]),
-                    acd=float(acd_values[i]),
-                ))
-    finally:
-        from ..flux.attention import detach_acd
-
-        detach_acd(pipe.transformer)
-    return reports, images
-
-
-def _attach_acd(pipe, last_k: int, backend: str):
-    from ..flux.attention import attach_acd, attention_modules
-
-    last_k = min(last_k, len(attention_modules(pipe.transformer)))  # the tiny model has only 4 layers
-    return attach_acd(pipe.transformer, last_k=last_k, backend=backend)
-
-
-def format_report(reports: list[CandidateReport]) -> str:
-    """The side-by-side table printed by `rcgrpo edit`."""
-    by_scheme: dict[str, list[CandidateReport]] = {}
-    for r in reports:
-        by_scheme.setdefault(r.scheme, []).append(r)
-    schemes = list(by_scheme)
-    header = "cand | " + " | ".join(f"{s:>6s} edit Δ  bg drift   ACD" for s in schemes)
-    lines = [header, "-" * len(header)]
-    for i in range(len(by_scheme[schemes[0]])):
-        cells = []
-        for s in schemes:
-            r = by_scheme[s][i]
-            cells.append(f"     {r.edit_change:8.4f} {r.background_drift:8.4f} {r.acd:6.3f}")
-        tag = f"{i:>4d}" + ("*" if i == 0 else " ")
-        lines.append(tag + "| " + " | ".join(cells))
-    lines.append("-" * len(header))
-    for s in schemes:
-        rs = [r for r in by_scheme[s] if r.index > 0]
-        edit = sum(r.edit_change for r in rs) / len(rs)
-        drift = sum(r.background_drift for r in rs) / len(rs)
-        lines.append(f"{s:>6s}: mean edit change {edit:.4f}, mean background drift {drift:.4f}, "
-                     f"drift/edit {drift / max(edit, 1e-12):.3f}")
-    lines.append("(* = reference candidate ε*, unperturbed; changes are RMS pixel differences to it)")
-    return "\n".join(lines)
 
 
 @dataclass
@@ -222,19 +96,19 @@ def main(argv: list[str], prog: str = "rcgrpo edit") -> int:
 
 
 def edit_size(height: int, width: int, resolution: int, vae_scale_factor: int) -> tuple[int, int]:
-    """(height, width) of the edit of a `height`×`width` image for a model of `resolution` (module docstring)."""
-    multiple = 2 * vae_scale_factor
-    buckets = None
-    if resolution > TINY_RESOLUTION_LIMIT:
-        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+    """(height, width) of the edit of a `height`×`width` image for a model of `resolution`: the same rule
+    as training (`rcgrpo.flux.resolution.edit_size`)."""
+    from ..flux.resolution import edit_size as fitted
 
-        buckets = list(PREFERRED_KONTEXT_RESOLUTIONS)
-    return fit_size(height, width, area=resolution * resolution, multiple=multiple, buckets=buckets)
+    return fitted(height, width, target=resolution, multiple=2 * vae_scale_factor)
 
 
-def prepare_example(image: torch.Tensor, mask: torch.Tensor, args: "EditArguments", resolution: int,
-                    vae_scale_factor: int) -> EditExample:
+def prepare_example(image, mask, args: "EditArguments", resolution: int, vae_scale_factor: int):
     """The image and mask resized to the edit size (aspect kept), the mask checked on the token grid."""
+    from ..data.synthetic import EditExample
+    from ..io.images import resize_image, resize_mask
+    from .validation import check_mask_on_grid
+
     height, width = edit_size(image.shape[1], image.shape[2], resolution, vae_scale_factor)
     image, mask = resize_image(image, height, width), resize_mask(mask, height, width)
     check_mask_on_grid(mask, height, width, vae_scale_factor, source=args.mask)
@@ -255,8 +129,11 @@ def _expected_defaults(model: str):
     return KONTEXT_DEFAULTS
 
 
-def load_edit_inputs(args: "EditArguments", prog: str = "rcgrpo edit") -> tuple[torch.Tensor, torch.Tensor]:
+def load_edit_inputs(args: "EditArguments", prog: str = "rcgrpo edit"):
     """(image [3, H, W], mask [H, W]) read from --image/--mask and checked; mask warnings become one line each."""
+    from ..io.images import MaskWarning, file_has_alpha, load_image, load_mask
+    from .validation import check_edit_inputs
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MaskWarning)
         image = load_image(args.image, name="--image")
@@ -272,7 +149,11 @@ def load_edit_inputs(args: "EditArguments", prog: str = "rcgrpo edit") -> tuple[
 
 
 def run_edit(args: EditArguments, prog: str = "rcgrpo edit") -> int:
+    from ..data.synthetic import square_example
+    from ..flux.compare import edit_group, format_report
     from ..flux.pipeline import load_pipeline
+    from ..io.files import atomic_write_text
+    from ..io.images import save_image
     from .preflight import vae_scale_factor
 
     if args.image:  # read and check the inputs before the model
@@ -326,9 +207,10 @@ def run_edit(args: EditArguments, prog: str = "rcgrpo edit") -> int:
     return 0
 
 
-def save_scheme_grid(example: EditExample, imgs: torch.Tensor, reports: list[CandidateReport], scheme: str,
-                     path) -> Path:
+def save_scheme_grid(example, imgs, reports: list, scheme: str, path) -> Path:
     """One labelled row: the source (mask outlined) and every candidate, its changes under it."""
+    from ..io.figures import save_labelled_grid
+
     labels = ["source"] + [f"{i}" + (" (ε*, reference)" if i == 0 else "") for i in range(len(imgs))]
     captions = [[""] + [f"edit Δ {r.edit_change:.3f}\nbg drift {r.background_drift:.3f}" for r in reports]]
     name = {"rdp": "RDP (region-decoupled)", "global": "global perturbation (Neighbor GRPO)"}.get(scheme, scheme)

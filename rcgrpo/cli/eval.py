@@ -12,9 +12,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Literal, Sequence
 
-from ..eval.compbench import TASKS
-from ..eval.metrics import EVAL_SIZE
-from ..rewards.clip import DEFAULT_CLIP_MODEL
+from ..eval.constants import DEFAULT_CLIP_MODEL, EVAL_SIZE, TASKS
 
 
 @dataclass

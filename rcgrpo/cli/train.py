@@ -63,9 +63,10 @@ def parse_train_args(argv: list[str], prog: str = "rcgrpo train") -> tuple[Train
 
 
 def main(argv: list[str], prog: str = "rcgrpo train") -> int:
+    command, config = parse_train_args(argv, prog)
     import torch
 
-    command, config = parse_train_args(argv, prog)
+    from .preflight import check_memory_fits
     from ..flux.pipeline import load_pipeline
     from ..rewards.registry import reward_funcs_from_config
     from ..train.data import build_datasets
@@ -73,10 +74,12 @@ def main(argv: list[str], prog: str = "rcgrpo train") -> int:
 
     check_output_dir(config.output_dir, "--output-dir")
     device = None if config.device == "auto" else config.device
+    check_memory_fits(config, device)  # from the model's config files, before any weights load
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" and torch.cuda.is_available() else None
     train_set, eval_set = build_datasets(config)
     rewards = reward_funcs_from_config(config)
     pipe, _ = load_pipeline(config.model, device=device, dtype=dtype)
+    check_memory_fits(config, pipe.transformer.device, pipe)  # the loaded architecture (tiny models, hub ids)
     trainer = RCGRPOTrainer(pipe, config, rewards, train_set, eval_set)
     main_process = trainer.accelerator.is_main_process
     if command.resume:

@@ -7,8 +7,6 @@ import functools
 import json
 import warnings
 
-import torch
-
 ARCHS: dict[str, dict] = {
     "flux-kontext-dev": {
         "description": "black-forest-labs/FLUX.1-Kontext-dev (12B transformer, 16-channel VAE)",
@@ -86,6 +84,8 @@ def lora_params(cfg: dict, rank: int) -> int:
 def _vae_params_cached(config_json: str) -> int:
     from diffusers import AutoencoderKL
 
+    import torch
+
     with torch.device("meta"):
         vae = AutoencoderKL(**json.loads(config_json))
     return sum(p.numel() for p in vae.parameters())
@@ -97,7 +97,9 @@ def vae_params(vae_config: dict) -> int:
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
+def _default_dtype(dtype):
+    import torch
+
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -106,13 +108,15 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def build_pipeline(arch: str, transformer_config: dict, *, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def build_pipeline(arch: str, transformer_config: dict, *, device, dtype, seed: int = 0):
     """FluxKontextPipeline with random weights of the architecture, created on `device` in `dtype`.
 
     Modules are constructed under `torch.device(device)` with `dtype` as the default dtype, so every
     parameter is allocated once, where it lives, with PyTorch's default (cheap) initialization; no
     fp32 host copy exists. The text encoders and tokenizers are None (prompt embeddings are given).
     """
+    import torch
+
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 
     spec = ARCHS[arch]

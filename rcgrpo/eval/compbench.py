@@ -37,7 +37,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-TASKS = ("add", "remove", "replace")
+from .constants import TASKS
+
 SOURCE_DIR = "input_image"
 GROUND_TRUTH_DIR = "edited_image"
 MASK_DIR = "mask"

@@ -20,13 +20,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .constants import EVAL_SIZE
+
 from ..rewards.background import PSNR_CAP_DB, background_psnr, background_ssim, masked_background
 from ..rewards.clip import ClipEncoder
 from .clip_official import OfficialClip, lci_channel_quirk
 
 METRICS = ("LC-I", "LC-T", "PSNR", "SSIM", "LPIPS")
 HIGHER_IS_BETTER = {"LC-I": True, "LC-T": True, "PSNR": True, "SSIM": True, "LPIPS": False}
-EVAL_SIZE = 512
 
 
 def official_crop_box(mask_img) -> tuple[int, int, int, int] | None:

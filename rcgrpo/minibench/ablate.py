@@ -28,9 +28,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from ..io.files import atomic_write_text
 from ..train.config import PRESETS, preset
 
@@ -96,7 +93,9 @@ class RandomReward:
     def __init__(self, seed: int):
         self.seed, self.calls = seed, 0
 
-    def __call__(self, edited, sources, masks, instructions, metadata) -> torch.Tensor:
+    def __call__(self, edited, sources, masks, instructions, metadata):
+        import torch
+
         self.calls += 1
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
         return torch.rand(edited.shape[0], generator=gen)
@@ -125,6 +124,8 @@ def _train_config(cfg: AblationConfig, variant: str, seed: int, run_dir: Path, d
 
 def _task_rewards(results: dict, data_dir: Path) -> dict[str, float]:
     """The MiniBench reward of every evaluated edit, from its spec in the CompBench metadata."""
+    import numpy as np
+    import torch
     from PIL import Image
 
     from ..eval.compbench import CompBenchDataset

@@ -24,12 +24,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from ..eval.constants import DEFAULT_CLIP_MODEL
 import torch.nn.functional as F
 
 from ..io.hub import load_pretrained, shipped_model_path
 from .checks import check_reward_inputs
 
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
