@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	@touch $@
 
 demo: install
-	$(VENV)/bin/rcgrpo edit --output-dir runs/demo/edit
-	$(VENV)/bin/rcgrpo train --preset tiny --output-dir runs/demo/train --report
+	$(VENV)/bin/rcgrpo edit --model tiny-editor --output-dir runs/demo/edit
+	$(VENV)/bin/rcgrpo train --preset minibench --output-dir runs/demo/train --report
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -108,6 +108,8 @@ def _quiet_libraries() -> None:
 
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" bars
+        transformers.utils.logging.disable_progress_bar()
     except Exception:  # noqa: BLE001 - logging tweaks must never break the CLI
         pass
 

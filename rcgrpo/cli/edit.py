@@ -148,8 +148,21 @@ def load_edit_inputs(args: "EditArguments", prog: str = "rcgrpo edit"):
     return image, mask
 
 
+def builtin_example(model: str, seed: int, resolution: int):
+    """The example edited without --image: a held-out MiniBench edit for the tiny editor (the task it
+    was trained on), else the toy "make the square red" example."""
+    from ..data.synthetic import EditExample, square_example
+
+    if model == "tiny-editor":
+        from ..minibench.tasks import MiniBenchDataset
+
+        ex = MiniBenchDataset(1, split="heldout", seed=seed, size=resolution)[0]
+        return EditExample(image=ex.image, mask=ex.mask, instruction=ex.instruction, example_id=ex.example_id,
+                           metadata=dict(ex.metadata))
+    return square_example(seed, min(resolution, 512))
+
+
 def run_edit(args: EditArguments, prog: str = "rcgrpo edit") -> int:
-    from ..data.synthetic import square_example
     from ..flux.compare import edit_group, format_report
     from ..flux.pipeline import load_pipeline
     from ..io.files import atomic_write_text
@@ -172,7 +185,7 @@ def run_edit(args: EditArguments, prog: str = "rcgrpo edit") -> int:
         resized = f", resized from {image.shape[2]}x{image.shape[1]}" if tuple(image.shape[1:]) != tuple(
             example.image.shape[1:]) else ""
     else:
-        example = square_example(args.seed, min(defaults.resolution, 512))
+        example = builtin_example(args.model, args.seed, defaults.resolution)
         resized = ""
         if args.prompt:
             example.instruction = args.prompt
