@@ -10,6 +10,10 @@ Protocol (fixed before any run; the defaults of `AblationConfig`):
       random_reward  control: RDP, the task reward replaced by seeded uniform noise
 - seeds 0, 1, 2 (each seed sets the training data order, noises and anchors; variants of one seed
   see the same data, so differences are paired by seed);
+- budget: 60 optimizer steps per run, 2 groups of G = 8 candidates per step, B = 4 anchors, T = 8 Euler
+  steps with the first 4 transitions trained, LoRA rank 8, AdamW lr 5e-4, α_edit 0.3 (σ of global),
+  α_base 0.02, w_acd 0.5 (the `minibench` preset otherwise); chosen from a 3-step timing pilot
+  (about 1 s per step here), before any ablation result was seen;
 - evaluation: the base editor and every run on one held-out MiniBench set in the CompBench layout
   (`write_minibench`, seed 0), generated with the same seed: CompBench's official metrics
   (`rcgrpo.eval`: LC-I and LC-T with the shipped tiny CLIP, background PSNR, SSIM; LPIPS when its
@@ -56,7 +60,7 @@ class AblationConfig:
     model: str = _opt(_PRESET["model"], "base model (tiny-editor is the shipped MiniBench editor)")
     variants: list[str] = _opt(list(VARIANTS), "variants to train: " + ", ".join(VARIANTS))
     seeds: list[int] = _opt([0, 1, 2], "training seeds (each variant runs once per seed)")
-    max_steps: int = _opt(_PRESET["max_steps"], "optimizer steps per run (the budget)")
+    max_steps: int = _opt(60, "optimizer steps per run (the budget; the demo's preset trains 40)")
     group_size: int = _opt(_PRESET["group_size"], "G")
     num_anchors: int = _opt(_PRESET["num_anchors"], "B")
     groups_per_step: int = _opt(_PRESET["groups_per_step"], "groups per step")
