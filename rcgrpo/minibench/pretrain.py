@@ -68,7 +68,7 @@ class PretrainConfig:
     vae_batch_size: int = field(default=16, metadata={"help": "images per VAE step (half sources, half ground truths)"})
     vae_lr: float = field(default=1e-3, metadata={"help": "VAE AdamW learning rate"})
     vae_kl_weight: float = field(default=1e-4, metadata={"help": "weight of the mean per-element KL term of the VAE loss"})
-    flow_steps: int = field(default=6000, metadata={"help": "flow-matching optimisation steps of the transformer and text encoders"})
+    flow_steps: int = field(default=3000, metadata={"help": "flow-matching optimisation steps of the transformer and text encoders"})
     flow_batch_size: int = field(default=32, metadata={"help": "pairs per flow-matching step"})
     flow_lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the transformer and text encoders (constant after warm-up)"})
     warmup_steps: int = field(default=200, metadata={"help": "linear learning-rate warm-up steps (both stages)"})
@@ -600,6 +600,9 @@ def save_editor(pipe, path, *, save_dtype: str = "float16", extra: dict | None =
                     save_file(tensors, str(file), metadata={"format": "pt"})
         for fname, obj in (extra or {}).items():
             (tmp / fname).write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                os.chmod(file, 0o644)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}-{int(time.time() * 1000)}"
