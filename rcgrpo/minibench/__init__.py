@@ -4,7 +4,8 @@ tools around it.
 - `rcgrpo.minibench.tasks`: the procedural task generator (`generate_example`, `MiniBenchDataset`,
   `example_seed`), deterministic in a seed, with disjoint train / held-out seed streams.
 - `rcgrpo.minibench.reward`: `minibench_reward`, the programmatic task reward (EditScore's role here).
-- `rcgrpo.minibench.editor`: the tiny Kontext editor's components (tokenizers, model configs, loading).
+- `rcgrpo.minibench.editor`: the tiny Kontext editor's components (tokenizers, model configs, loading);
+  the shipped weights are under `weights/tiny-editor/` (`rcgrpo.testing.tiny_editor()`, `TINY_EDITOR_PATH`).
 - `rcgrpo.minibench.pretrain`: `PretrainConfig`, `run_pretrain` — trains the tiny editor's VAE and
   transformer by flow matching on generated pairs (`rcgrpo pretrain-tiny`).
 """
@@ -26,6 +27,7 @@ from .tasks import (
     shape_coverage,
     split_of_seed,
 )
+from .reward import minibench_reward, minibench_reward_terms
 
 __all__ = [
     "BACKGROUNDS",
@@ -44,4 +46,6 @@ __all__ = [
     "object_caption",
     "shape_coverage",
     "split_of_seed",
+    "minibench_reward",
+    "minibench_reward_terms",
 ]

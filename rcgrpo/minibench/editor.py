@@ -9,7 +9,7 @@ the saved directory with no custom code):
   RoPE axes (4, 6, 6), guidance embedding.
 - `T5EncoderModel` (2 layers, d_model 64) with a word-level Unigram `T5TokenizerFast`: one piece per
   MiniBench word (`tasks.VOCABULARY`), character pieces as a fallback for other text.
-- `CLIPTextModel` (1 layer, hidden 32) with the character-level CLIP tokenizer of `rcgrpo.testing`
+- `CLIPTextModel` (1 layer, hidden 32) with a character-level CLIP tokenizer (the vocabulary of `rcgrpo.testing`'s)
   (its pooled output conditions the transformer's modulation, as in FLUX.1).
 
 `EditorConfig` holds the sizes; `build_editor(config, seed)` returns a randomly initialised pipeline in
@@ -84,11 +84,31 @@ def editor_t5_tokenizer():
     return tok
 
 
-def editor_clip_tokenizer():
-    """The character-level CLIP tokenizer (77 positions) of `rcgrpo.testing`."""
-    from ..testing import tiny_clip_tokenizer
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for bytes."""
+    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in visible:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
 
-    return tiny_clip_tokenizer()
+
+def editor_clip_tokenizer():
+    """Character-level CLIP tokenizer (byte-level pieces, no merges, 77 positions): the same vocabulary as
+    `rcgrpo.testing.tiny_clip_tokenizer` (built here too, so that this module does not import testing)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _byte_level_alphabet():
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    tok.model_max_length = 77
+    return tok
 
 
 def scheduler():
