@@ -272,7 +272,7 @@ def _encode_prompts(pipe, prompts: list[str], text_len: int):
     return embeds, pooled
 
 
-def _images_uint8(examples) -> tuple[torch.Tensor, torch.Tensor]:
+def _image_pairs(examples) -> tuple[torch.Tensor, torch.Tensor]:
     src = torch.stack([e.image for e in examples])
     tgt = torch.stack([e.target for e in examples])
     return src, tgt
@@ -355,7 +355,7 @@ def _vae_stage(config: PretrainConfig, pipe, work: Path) -> None:
         rng = _rng(config.seed, "vae", step)
         idx = rng.integers(0, config.train_examples, n_img)
         exs = [generate_example(example_seed(config.seed, "train", int(i)), size=config.resolution) for i in idx]
-        src, tgt = _images_uint8(exs)
+        src, tgt = _image_pairs(exs)
         x = torch.cat([src, tgt]) * 2 - 1
         for g in opt.param_groups:
             g["lr"] = config.vae_lr * _lr_factor(step, config.warmup_steps) * _vae_decay(step, config.vae_steps)
@@ -390,7 +390,7 @@ def _vae_stage(config: PretrainConfig, pipe, work: Path) -> None:
     # latent normalization: z = (mu - shift) * scale has zero mean, unit variance on train images
     with torch.no_grad():
         exs = [generate_example(example_seed(config.seed, "train", i), size=config.resolution) for i in range(256)]
-        src, tgt = _images_uint8(exs)
+        src, tgt = _image_pairs(exs)
         mu = vae.encode(torch.cat([src, tgt]) * 2 - 1).latent_dist.mean
     shift, scale = float(mu.mean()), float(1.0 / mu.std())
     vae.register_to_config(shift_factor=round(shift, 6), scaling_factor=round(scale, 6))
@@ -409,7 +409,7 @@ def _encode_pool(config: PretrainConfig, pipe) -> dict:
     with torch.no_grad():
         for start in range(0, len(ds), chunk):
             exs = [ds[i] for i in range(start, min(len(ds), start + chunk))]
-            src, tgt = _images_uint8(exs)
+            src, tgt = _image_pairs(exs)
             z = vae.encode(torch.cat([src, tgt]) * 2 - 1).latent_dist.mode()
             z = _pack((z - shift) * scale)
             src_l.append(z[: len(exs)].half())
