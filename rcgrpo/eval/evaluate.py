@@ -76,20 +76,6 @@ def _build_lpips(lpips_net, lpips_weights, device, strict: bool) -> tuple[Callab
         return None, reason, ""
 
 
-def _lora_file(lora) -> Path | None:
-    if not lora:
-        return None
-    from ..flux.pipeline import LORA_WEIGHT_NAME
-
-    path = Path(lora).expanduser()
-    file = path / LORA_WEIGHT_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"--lora: no LoRA weights at {str(file)!r}")
-    if file.suffix != ".safetensors":
-        raise ValueError(f"--lora: {str(file)!r} is not a .safetensors file (only safetensors LoRA files load)")
-    return file
-
-
 def _check_options(*, eval_size, steps, resolution, max_sequence_length, guidance_scale, stale_outputs,
                    outputs_dir, pipeline, model, lora) -> None:
     if eval_size < 16:
@@ -139,7 +125,9 @@ def evaluate(data, output_dir, *, pipeline=None, model: str | None = None, lora:
     _check_options(eval_size=eval_size, steps=steps, resolution=resolution, max_sequence_length=max_sequence_length,
                    guidance_scale=guidance_scale, stale_outputs=stale_outputs, outputs_dir=outputs_dir,
                    pipeline=pipeline, model=model, lora=lora)
-    lora_file = _lora_file(lora) if outputs_dir is None else None
+    from ..flux.pipeline import lora_file as find_lora_file
+
+    lora_file = find_lora_file(lora) if (lora and outputs_dir is None) else None
     dataset = data if isinstance(data, CompBenchDataset) else CompBenchDataset(
         data, tasks=tasks, limit=limit, require_ground_truth=False, check_sizes=False, allow_missing=True)
     from ..flux.pipeline import default_device
