@@ -57,7 +57,6 @@ from .clip_data import EVAL_CROP_SIZE, all_captions, build_training_set, eval_cr
 from .tasks import VOCABULARY
 
 TINY_CLIP_PATH = Path(__file__).resolve().parent / "weights" / "tiny-clip"
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 TRAINING_FILE = "training.json"
 
 
@@ -123,19 +122,6 @@ class TinyClipConfig:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _byte_level_alphabet() -> list[str]:
-    """The 256 printable stand-ins of byte-level BPE (GPT-2 / CLIP), in byte order."""
-    visible = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for byte in range(256):
-        if byte in visible:
-            chars.append(chr(byte))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
 def _learn_merges(words: Sequence[str]) -> list[tuple[str, str]]:
     """BPE merges that join every word of `words` into one `word</w>` symbol: repeatedly merge the most
     frequent adjacent pair (ties: the lexicographically smallest pair), each word counted once."""
@@ -171,10 +157,9 @@ def clip_tokenizer(max_length: int = 32):
     """
     from transformers import CLIPTokenizer
 
-    vocab = {BOS: 0, EOS: 1}
-    for ch in _byte_level_alphabet():
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
+    from ..flux.tokenizers import byte_level_vocab
+
+    vocab = byte_level_vocab()
     merges = _learn_merges(VOCABULARY)
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))

@@ -84,31 +84,12 @@ def editor_t5_tokenizer():
     return tok
 
 
-def _byte_level_alphabet() -> list[str]:
-    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for bytes."""
-    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for byte in range(256):
-        if byte in visible:
-            chars.append(chr(byte))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
 def editor_clip_tokenizer():
-    """Character-level CLIP tokenizer (byte-level pieces, no merges, 77 positions): the same vocabulary as
-    `rcgrpo.testing.tiny_clip_tokenizer` (built here too, so that this module does not import testing)."""
-    from transformers import CLIPTokenizer
+    """Character-level CLIP tokenizer (byte-level pieces, no merges, 77 positions), the same as
+    `rcgrpo.testing.tiny_clip_tokenizer`."""
+    from ..flux.tokenizers import char_clip_tokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in _byte_level_alphabet():
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    tok = CLIPTokenizer(vocab=vocab, merges=[])
-    tok.model_max_length = 77
-    return tok
+    return char_clip_tokenizer(77)
 
 
 def scheduler():
