@@ -72,6 +72,10 @@ def parse_command(argv: list[str]):
 
         assert rest[0] == "make"
         return parse((MinibenchMakeArguments,), rest[1:], "rcgrpo minibench make")
+    if command == "pretrain-tiny":
+        from rcgrpo.minibench.pretrain import PretrainConfig
+
+        return parse((PretrainConfig,), rest, "rcgrpo pretrain-tiny")
     if command == "diagnostics":
         from rcgrpo.cli.diagnostics import DiagnosticsArguments, merge_repeated
 
