@@ -33,4 +33,4 @@ gpu-check: install
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf build *.egg-info kernels/_C*.so
+	rm -rf build *.egg-info kernels/rcgrpo_kernels/_C*.so

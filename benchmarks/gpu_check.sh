@@ -6,7 +6,7 @@
 # Needs python3 with torch (CUDA), triton, transformers, peft, accelerate, pytest, pytest-benchmark,
 # nvidia-ml-py. diffusers may be missing: a carried wheel is installed (--no-deps) from $WHEELS,
 # ./wheels, ./shared/wheels or ./shared. The repo is NOT pip-installed: a throw-away path shim maps
-# `rcgrpo` -> rcgrpo/ and `rcgrpo_kernels` -> kernels/ (the C++ backend is CPU-only, not needed).
+# `rcgrpo` -> rcgrpo/ and `rcgrpo_kernels` -> kernels/rcgrpo_kernels/ (the C++ backend is CPU-only, not needed).
 #
 # Stages (each logged to $OUT/logs/<stage>.log, each under its own `timeout`, all under one deadline
 # of GPU_CHECK_BUDGET_S seconds, default 465 = 7 min 45 s; a failing stage is recorded and the
@@ -157,8 +157,8 @@ log "env: $(grep -E '^(torch|triton|device|diffusers) ' "$OUT/versions.txt" | tr
 # ---------------------------------------------------------------- diffusers
 mkdir -p "$SHIM/site"
 export PYTHONPATH="$SHIM:$SHIM/site${PYTHONPATH:+:$PYTHONPATH}"
-# The repo root must not be on sys.path: kernels/ would be importable as `kernels`, which
-# transformers probes for (Hugging Face kernels) and would import a second copy of the ops.
+# Scripts are run by path, so their folder, not the repo root, is sys.path[0]; kernels/ holds no
+# __init__.py either way, so it can never shadow Hugging Face's `kernels` (SPEC section 1).
 export PYTHONSAFEPATH=1
 if "$PY" -c "import diffusers" > /dev/null 2>&1; then
     log "diffusers: already importable"
@@ -181,7 +181,7 @@ fi
 
 # ---------------------------------------------------------------- import (path shim)
 ln -s "$REPO/rcgrpo" "$SHIM/rcgrpo"
-ln -s "$REPO/kernels" "$SHIM/rcgrpo_kernels"
+ln -s "$REPO/kernels/rcgrpo_kernels" "$SHIM/rcgrpo_kernels"
 IMPORT_CHECK='import rcgrpo_kernels, torch
 print("rcgrpo_kernels from", rcgrpo_kernels.__file__)
 print("backends", rcgrpo_kernels.available_backends())

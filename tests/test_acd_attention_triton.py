@@ -1,4 +1,4 @@
-"""Triton backend of `acd_attention` (kernels/triton_acd_attention.py).
+"""Triton backend of `acd_attention` (kernels/rcgrpo_kernels/triton_acd_attention.py).
 
 On a machine without CUDA the kernels run under TRITON_INTERPRET=1 (set by conftest) with one
 fixed 16×16 tile config, so the small odd shapes below exercise every masked tail (every GPU
