@@ -1,0 +1,1 @@
+"""Editor families behind one interface (`rcgrpo.editors.base.Editor`): one subpackage per family."""
