@@ -22,7 +22,17 @@ def test_reduced_ablation_writes_a_complete_results_json(tmp_path, capsys):
     assert [r["train"]["steps"] for r in results["runs"]] == [2] * len(VARIANTS)
     assert set(results["paired"]) >= {"rdp - global", "rdp_acd - rdp", "rdp_acd - base"}
     assert (out / "fig5.png").is_file() and "Paired differences" in (out / "results.md").read_text()
+    assert results["protocol"]["eval_split"] == "val"  # the default: settings are chosen on val, never on test
+    manifest = json.loads((out / "eval-data-val" / "minibench.json").read_text())
+    assert manifest["split"] == "val" and manifest["per_task"] == 2
+    assert "of the val split" in (out / "results.md").read_text()
     assert "| rdp_acd |" in capsys.readouterr().out
+
+
+def test_eval_split_option():
+    assert AblationConfig(eval_split="test").eval_split == "test"
+    with pytest.raises(ValueError, match="--eval-split"):
+        AblationConfig(eval_split="train").validate()
 
 
 def test_random_reward_is_reproducible_noise():

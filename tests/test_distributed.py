@@ -39,15 +39,22 @@ def reward(edited, sources, masks, instructions, metadata):
     calls[0] += 1
     if spec.get("signal_rank") == rank and calls[0] == spec.get("signal_at_call"):
         os.kill(os.getpid(), signal.SIGTERM)
-    return redness_reward(edited, sources, masks, instructions, metadata)
+    values = redness_reward(edited, sources, masks, instructions, metadata)
+    if metadata[0].get("constant"):  # a group with one reward: the low-variance filter's case
+        values = torch.full_like(values, 0.5)
+    return values
 cfg = preset("tiny", group_size=4, num_anchors=2, groups_per_step=spec["groups"], num_inference_steps=2,
              max_steps=spec.get("max_steps", 2), reward_funcs=["redness"], reward_weights=[1.0], w_acd=0.5,
              acd_backend="torch", distance_backend="torch", checkpoint_every=0, sample_every=0, report_to="none",
-             output_dir=str(out), train_size=4, max_grad_norm=0.0, skip_bad_examples=True, log_policy_kl=True)
+             output_dir=str(out), train_size=4, max_grad_norm=0.0, skip_bad_examples=True, log_policy_kl=True,
+             **spec.get("config", {}))
 data = SquareDataset(4, size=32)
 for i in spec.get("bad_examples", []):
     data.examples[i].mask = torch.zeros(32, 32)
-tr = trainer_module.RCGRPOTrainer(tiny_kontext_pipeline(0), cfg, [("redness", reward)], data)
+for i in spec.get("constant_examples", []):
+    data.examples[i].metadata["constant"] = True
+held = SquareDataset(3, size=32, seed=99) if spec.get("config", {}).get("eval_every") else None
+tr = trainer_module.RCGRPOTrainer(tiny_kontext_pipeline(0), cfg, [("redness", reward)], data, held)
 tr.train()
 if tr.accelerator.is_main_process:
     torch.save(torch.cat([p.detach().reshape(-1) for p in tr.lora_parameters]), out / "lora_vector.pt")
@@ -91,6 +98,13 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# every step metric that is a number (SPEC §10 and issue 24's diagnostics), compared between layouts
+COMPARED = ("reward_mean", "reward_std_within_group", "acd_mean", "background_drift", "loss", "policy_kl", "approx_kl",
+            "clip_frac_high", "clip_frac_low", "leap_rms_edit", "leap_rms_background", "explore_rms_edit",
+            "explore_rms_background", "reward_std_between_groups", "low_variance_fraction", "filtered_groups",
+            "reference_reward_gap", "advantage_abs_mean", "policy_entropy", "pi_old_anchor")
+
+
 def test_two_processes_log_and_learn_what_one_process_with_two_groups_does(tmp_path):
     run(tmp_path, {"out": str(tmp_path / "one" / "run"), "groups": 2}, nproc=1)
     results = run(tmp_path, {"out": str(tmp_path / "two" / "run"), "groups": 1}, nproc=2)
@@ -98,8 +112,8 @@ def test_two_processes_log_and_learn_what_one_process_with_two_groups_does(tmp_p
     one, two = _metrics(tmp_path / "one" / "run"), _metrics(tmp_path / "two" / "run")
     assert [r["step"] for r in two] == [1, 2] and [r["groups"] for r in two] == [2, 2]
     for a, b in zip(one, two):
-        for key in ("reward_mean", "reward_std_within_group", "acd_mean", "background_drift", "loss", "policy_kl"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+        for key in COMPARED:
+            assert a[key] is not None and b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
         assert b["reward_std_within_group_values"] == pytest.approx(a["reward_std_within_group_values"], rel=1e-5)
         assert b["background_drift_values"] == pytest.approx(a["background_drift_values"], rel=1e-5, abs=1e-9)
     lora_one = torch.load(tmp_path / "one" / "run" / "lora_vector.pt", weights_only=True)
@@ -117,6 +131,30 @@ def test_a_rank_whose_groups_are_all_skipped_still_joins_every_collective(tmp_pa
     rows = _metrics(tmp_path / "run")
     assert any(r["groups"] == 1 for r in rows), "the seed should give a step where exactly one rank skips"
     assert rows[-1]["skipped_examples"] == sum(2 - r["groups"] for r in rows)  # counted over both ranks
+
+
+def test_filter_global_advantages_ema_and_evaluation_agree_across_layouts(tmp_path):
+    # examples 1 and 3 have a constant reward: with the filter on, a rank holding only such a group gives
+    # it no update but still joins the global std, the gradient reduce and the evaluation's sum
+    options = {"filter_low_variance": True, "low_variance_threshold": 1e-4, "advantage_std": "global",
+               "ema_decay": 0.5, "eval_every": 1}
+    spec = {"config": options, "constant_examples": [1, 3], "max_steps": 3}
+    run(tmp_path, {**spec, "out": str(tmp_path / "one" / "run"), "groups": 2}, nproc=1)
+    results = run(tmp_path, {**spec, "out": str(tmp_path / "two" / "run"), "groups": 1}, nproc=2)
+    assert [r["step"] for r in results] == [3, 3]
+    one, two = _metrics(tmp_path / "one" / "run"), _metrics(tmp_path / "two" / "run")
+    assert len(one) == len(two) == 3
+    assert any(r["filtered_groups"] == 1 for r in two), "the data order should filter one of two groups"
+    for a, b in zip(one, two):
+        for key in COMPARED + ("eval/task_reward", "eval/task_reward_ema"):
+            assert (a[key] is None) == (b[key] is None), key
+            if a[key] is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    lora_one = torch.load(tmp_path / "one" / "run" / "lora_vector.pt", weights_only=True)
+    lora_two = torch.load(tmp_path / "two" / "run" / "lora_vector.pt", weights_only=True)
+    torch.testing.assert_close(lora_two, lora_one, rtol=1e-5, atol=1e-7)
+    assert (tmp_path / "two" / "run" / "lora_ema" / "pytorch_lora_weights.safetensors").is_file()
+    assert not list((tmp_path / "two").glob("rank1-wrote-*"))
 
 
 def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):

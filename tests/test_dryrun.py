@@ -15,7 +15,7 @@ from rcgrpo_kernels.acd_attention import acd_attention_eager
 SMALL = ["dryrun", "--depth-scale", "0.03", "--resolution", "64", "--group", "3", "--anchors", "2", "--steps", "2",
          "--train-steps", "1", "--text-len", "64", "--device", "cpu"]
 PHASES_WITH_TIME = ("iteration", "rollout", "rollout_transformer", "acd", "vae_encode", "decode", "reward",
-                    "advantages", "update", "anchor_forward", "distances", "optimizer", "backward")
+                    "advantages", "update", "anchor_forward", "distances", "optimizer", "backward", "diagnostics")
 PHASES_WITH_MEMORY = ("iteration", "rollout", "decode", "update")
 
 
@@ -48,7 +48,8 @@ def test_reduced_dry_run_reports_every_phase(small_run):
         assert 0.0 <= p["share"] <= 1.0, p
     assert 0.0 < report["acd_share"] <= 1.0
     assert 0.0 < report["distance_share"] <= 1.0
-    top = sum(phases[k]["time_s"] for k in ("rollout", "decode", "reward", "advantages", "update", "other"))
+    top = sum(phases[k]["time_s"] for k in ("rollout", "decode", "reward", "advantages", "update", "diagnostics",
+                                            "other"))
     assert top == pytest.approx(phases["iteration"]["time_s"], rel=1e-6)
     # 2 rollout steps x 2 ACD layers (the reduced model has 2 attention modules), one anchor forward.
     assert phases["rollout_transformer"]["calls"] == 2 and phases["acd"]["calls"] == 4

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import rcgrpo
+from rcgrpo.method import advantages
 from rcgrpo.method.advantages import combine_rewards, group_advantages, standardize
 from rcgrpo.method.masks import element_mask, pixel_to_token_mask, token_mask_for_image
 from rcgrpo.method.policy import grpo_loss, region_normalized_distance, surrogate_log_probs
@@ -258,3 +259,39 @@ def test_acd_reward_is_mean_over_calls():
 def test_group_advantages_accept_groups_by_rows():
     r = torch.tensor([[1.0, 2.0, 4.0], [0.0, 0.0, 0.0]])
     torch.testing.assert_close(group_advantages(r, 3), group_advantages(r.reshape(-1), 3).view(2, 3))
+
+
+def test_low_variance_groups_and_global_std_formulas():
+    rewards = torch.tensor([0.0, 1.0, 2.0, 3.0, 5.0, 5.0, 5.001, 5.0])
+    assert advantages.low_variance_groups(rewards, 4, 0.01).tolist() == [False, True]
+    assert advantages.low_variance_groups(rewards, 4, 0.0).tolist() == [False, False]
+    sq, n = advantages.centered_square_sum(rewards, 4)
+    centered = torch.cat([rewards[:4] - 1.5, rewards[4:] - 5.00025])
+    assert n == 8 and sq == pytest.approx(float(centered.double().square().sum()), rel=1e-6)
+    adv = advantages.global_std_advantages(rewards, 4, math.sqrt(sq / n))
+    torch.testing.assert_close(adv, centered / math.sqrt(sq / n), rtol=1e-5, atol=1e-6)
+    assert adv[4:].abs().max() < 0.01 < adv[:4].abs().max()  # the near-constant group keeps tiny advantages
+    assert torch.equal(advantages.global_std_advantages(torch.ones(8), 4, 0.0), torch.zeros(8))
+    with pytest.raises(ValueError, match="do not split"):
+        advantages.global_std_advantages(torch.ones(6), 4, 1.0)
+
+
+def test_step_advantages_filter_and_global_std():
+    combined = torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0, 1.0, 0.0, 0.0])
+    task = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5])  # the second group's task reward is constant
+    calls = []
+
+    def reduce_sum(t):
+        calls.append(t.clone())
+        return t
+
+    adv, keep = advantages.step_advantages(combined, task, 4, std="global", low_variance_threshold=1e-3,
+                                           reduce_sum=reduce_sum)
+    assert keep.tolist() == [True, False] and torch.equal(adv[4:], torch.zeros(4))
+    s = math.sqrt(5.0 / 4)  # only the kept group: centered (−1.5, −0.5, 0.5, 1.5)
+    torch.testing.assert_close(adv[:4], torch.tensor([-1.5, -0.5, 0.5, 1.5]) / s)
+    assert len(calls) == 1 and calls[0].tolist() == [5.0, 4.0]
+    group, keep_all = advantages.step_advantages(combined, task, 4)
+    assert keep_all.all() and torch.equal(group, group_advantages(combined, 4))
+    empty, _ = advantages.step_advantages(torch.zeros(0), torch.zeros(0), 4, std="global", reduce_sum=reduce_sum)
+    assert empty.numel() == 0 and len(calls) == 2  # a rank without groups still joins the reduction

@@ -40,7 +40,7 @@ def test_the_export_is_a_function_of_the_seed(exported, tmp_path):
     assert other.keys() == files.keys()  # same names, different examples
     assert sum(other[n] != files[n] for n in files if "/input_image/" in n) == 3 * PER_TASK
     manifest = json.loads(files[MANIFEST])
-    assert manifest["split"] == "heldout" and manifest["seed"] == SEED and manifest["size"] == SIZE
+    assert manifest["split"] == "val" and manifest["seed"] == SEED and manifest["size"] == SIZE
     assert manifest["counts"] == {"add": PER_TASK, "remove": PER_TASK, "replace": PER_TASK}
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")]  # no temporaries left
 
@@ -48,15 +48,15 @@ def test_the_export_is_a_function_of_the_seed(exported, tmp_path):
 def test_compbench_reads_back_the_generators_examples(exported):
     ds = CompBenchDataset(exported)
     assert ds.tasks == ("add", "remove", "replace") and ds.task_counts() == {t: PER_TASK for t in ds.tasks}
-    reference = MiniBenchDataset(per_task=PER_TASK, split="heldout", seed=SEED, size=SIZE)
+    reference = MiniBenchDataset(per_task=PER_TASK, split="val", seed=SEED, size=SIZE)
     assert len(ds) == len(reference)
     for rec, ex in zip(ds.records, reference):
         assert rec.task == ex.task and rec.id == f"{ex.task}/{ex.example_id}.png"
         assert rec.instruction == ex.instruction and rec.caption == ex.caption
         assert rec.extra["minibench_id"] == ex.example_id and rec.extra["minibench"] == ex.spec
-        # held out: the example seed is the generator's held-out seed, never a train seed
-        assert rec.extra["split"] == "heldout" and split_of_seed(rec.extra["seed"]) == "heldout"
-        assert rec.extra["seed"] == example_seed(SEED, "heldout", int(ex.example_id.rsplit("-", 1)[1]), ex.task)
+        # held out: the example seed is the generator's val seed, never a train or test seed
+        assert rec.extra["split"] == "val" and split_of_seed(rec.extra["seed"]) == "val"
+        assert rec.extra["seed"] == example_seed(SEED, "val", int(ex.example_id.rsplit("-", 1)[1]), ex.task)
         loaded = ds.load(rec)
         assert torch.equal(_u8(loaded.image), _u8(ex.image))
         assert torch.equal(loaded.mask, ex.mask)  # L 0/255 → exactly the generator's 0/1 mask
@@ -104,6 +104,7 @@ def test_cli_make_and_its_bad_input(tmp_path, capsys):
     assert cli_main(argv) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["counts"] == {"add": 2, "remove": 2, "replace": 2} and line["output_dir"] == str(out)
+    assert line["split"] == "val"
     assert _files(out) == _files(write_minibench(tmp_path / "api", 2, 3, size=32))
     # an existing export is replaced only with --overwrite; a foreign non-empty folder never
     assert cli_main(argv) == 2 and "--overwrite" in capsys.readouterr().err
@@ -114,9 +115,30 @@ def test_cli_make_and_its_bad_input(tmp_path, capsys):
     (foreign / "keep.txt").write_text("mine")
     for bad in (["--output-dir", str(foreign), "--overwrite"], ["--output-dir", str(tmp_path / "n"), "--per-task", "0"],
                 ["--output-dir", str(tmp_path / "n"), "--tasks", "add,paint"],
-                ["--output-dir", str(tmp_path / "n"), "--size", "8"], ["--per-task", "2"]):
+                ["--output-dir", str(tmp_path / "n"), "--size", "8"], ["--per-task", "2"],
+                ["--output-dir", str(tmp_path / "n"), "--split", "train"]):
         assert cli_main(["minibench", "make", *bad]) == 2, bad
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "Traceback" not in err[0], err
     assert (foreign / "keep.txt").read_text() == "mine" and not (tmp_path / "n").exists()
     assert cli_main(["minibench"]) == 2 and "make" in capsys.readouterr().err
+
+
+def test_cli_make_split_test_is_disjoint_from_val(tmp_path, capsys):
+    val, test = tmp_path / "val", tmp_path / "test"
+    common = ["--per-task", "2", "--seed", "3", "--size", "32"]
+    assert cli_main(["minibench", "make", "--output-dir", str(val), "--split", "val", *common]) == 0
+    assert cli_main(["minibench", "make", "--output-dir", str(test), "--split", "test", *common]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["split"] == "test"
+    assert json.loads((test / MANIFEST).read_text())["split"] == "test"
+    records = {name: CompBenchDataset(root).records for name, root in (("val", val), ("test", test))}
+    seeds = {name: {r.extra["seed"] for r in recs} for name, recs in records.items()}
+    assert len(seeds["val"]) == len(seeds["test"]) == 6 and not seeds["val"] & seeds["test"]
+    assert all(split_of_seed(s) == "test" for s in seeds["test"])
+    assert all(r.extra["split"] == "test" and r.extra["minibench_id"].startswith("test-") for r in records["test"])
+    reference = MiniBenchDataset(per_task=2, split="test", seed=3, size=32)
+    assert sorted(seeds["test"]) == sorted(reference.seeds)
+    with pytest.raises(ValueError, match="--split must be val or test"):
+        write_minibench(tmp_path / "bad", 2, 3, size=32, split="train")
+    # "heldout", the old name of the val split, writes the val set
+    assert _files(write_minibench(tmp_path / "old", 2, 3, size=32, split="heldout")) == _files(val)

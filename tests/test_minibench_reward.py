@@ -9,7 +9,7 @@ from rcgrpo.minibench.reward import minibench_reward, minibench_reward_terms
 
 
 def _batch(task, n=12, size=64, seed=3):
-    exs = [T.generate_example(T.example_seed(seed, "heldout", i, task), task=task, size=size) for i in range(n)]
+    exs = [T.generate_example(T.example_seed(seed, "val", i, task), task=task, size=size) for i in range(n)]
     return exs, T.batch(exs)
 
 

@@ -24,25 +24,58 @@ def test_dataset_is_deterministic_and_balanced():
     for i in range(12):
         assert torch.equal(d1[i].image, d2[i].image) and d1[i].instruction == d2[i].instruction
     assert [d1[i].task for i in range(6)] == ["add", "remove", "replace"] * 2
-    pt = T.MiniBenchDataset(split="heldout", per_task=4, seed=1)
+    pt = T.MiniBenchDataset(split="val", per_task=4, seed=1)
     assert [e.task for e in pt] == ["add"] * 4 + ["remove"] * 4 + ["replace"] * 4
     assert T.MiniBenchDataset(3, seed=6)[0].instruction != d1[0].instruction or \
         not torch.equal(T.MiniBenchDataset(3, seed=6)[0].image, d1[0].image)
 
 
 def test_splits_never_share_seeds_or_images():
-    for base_a in (0, 1, 7):
-        train = set(T.MiniBenchDataset(300, split="train", seed=base_a).seeds)
-        for base_b in (0, 1, 7):
-            held = set(T.MiniBenchDataset(split="heldout", per_task=100, seed=base_b).seeds)
-            assert not train & held
-    assert all(T.split_of_seed(s) == "train" for s in train)
-    assert all(T.split_of_seed(s) == "heldout" for s in held)
-    # and no held-out image equals a train image
+    seeds = {split: set() for split in T.SPLITS}
+    for base in (0, 1, 7, 12345, 2**31 + 3):
+        for split in T.SPLITS:
+            seeds[split] |= set(T.MiniBenchDataset(300, split=split, seed=base).seeds)
+            seeds[split] |= set(T.MiniBenchDataset(split=split, per_task=100, seed=base).seeds)
+    for split in T.SPLITS:
+        assert len(seeds[split]) == 5 * 600  # no collision inside a split either
+        assert all(T.split_of_seed(s) == split and 0 <= s < 2**63 for s in seeds[split])
+    assert not seeds["train"] & seeds["val"] and not seeds["train"] & seeds["test"] and not seeds["val"] & seeds["test"]
+    # disjoint by construction, whatever the base seed and index: the low bits name the split
+    for base, index in [(0, 0), (3, 2**40), (2**62, 17), (99, 2**62 + 5)]:
+        found = [T.example_seed(base, split, index, task) for split in T.SPLITS for task in (None, *T.TASKS)]
+        assert [T.split_of_seed(s) for s in found] == [split for split in T.SPLITS for _ in range(4)]
+    # and no val or test image equals a train image
     train_imgs = {T.MiniBenchDataset(150, split="train", seed=0)[i].image.numpy().tobytes() for i in range(150)}
-    held_ds = T.MiniBenchDataset(150, split="heldout", seed=0)
-    assert not any(held_ds[i].image.numpy().tobytes() in train_imgs for i in range(150))
-    assert held_ds[0].metadata["split"] == "heldout"
+    for split in ("val", "test"):
+        held_ds = T.MiniBenchDataset(150, split=split, seed=0)
+        assert not any(held_ds[i].image.numpy().tobytes() in train_imgs for i in range(150))
+        assert held_ds[0].metadata["split"] == split
+
+
+# Train seeds before the val/test split existed (the old formula, computed before the change): the tiny
+# editor and the tiny CLIP were pretrained on these, so they are a contract.
+OLD_TRAIN_SEEDS = {(0, 0, None): 1527915562432365366, (0, 1, None): 3148923519914866020,
+                   (0, 511, None): 3830944987058334592, (7, 3, "add"): 7216220047699996230,
+                   (3, 12, "replace"): 3361866992434414290}
+
+
+def test_train_seeds_are_unchanged():
+    for (base, index, task), seed in OLD_TRAIN_SEEDS.items():
+        assert T.example_seed(base, "train", index, task) == seed
+    ex = T.MiniBenchDataset(2, split="train", seed=0)[1]
+    assert ex.metadata["seed"] == OLD_TRAIN_SEEDS[(0, 1, None)] and ex.metadata["split"] == "train"
+
+
+def test_heldout_is_an_alias_of_val():
+    assert T.canonical_split("heldout") == "val" and T.example_seed(4, "heldout", 9) == T.example_seed(4, "val", 9)
+    old = T.MiniBenchDataset(3, split="heldout", seed=2)
+    new = T.MiniBenchDataset(3, split="val", seed=2)
+    assert old.split == "val" and old.seeds == new.seeds and old[0].example_id == "val-add-00000"
+    assert old[0].metadata["split"] == "val" and torch.equal(old[0].image, new[0].image)
+    test = T.MiniBenchDataset(3, split="test", seed=2)
+    assert test[0].metadata["split"] == "test" and not set(test.seeds) & set(new.seeds)
+    with pytest.raises(ValueError, match="split must be one of"):
+        T.MiniBenchDataset(3, split="validation")
 
 
 @pytest.mark.parametrize("task", T.TASKS)
@@ -128,7 +161,7 @@ def test_shapes_are_distinct_and_bad_input_raises():
     with pytest.raises(ValueError, match="task"):
         T.generate_example(1, task="move")
     with pytest.raises(ValueError, match="split"):
-        T.example_seed(0, "test", 0)
+        T.example_seed(0, "validation", 0)
     with pytest.raises(ValueError, match="size"):
         T.generate_example(1, size=8)
     with pytest.raises(ValueError, match="shape"):

@@ -1,6 +1,6 @@
 """`rcgrpo minibench make`: write a held-out MiniBench set in the official CompBench layout.
 
-    rcgrpo minibench make --output-dir DIR --per-task N --seed S [--size 64] [--tasks add,remove,replace]
+    rcgrpo minibench make --output-dir DIR [--split val|test] --per-task N --seed S [--size 64] [--tasks add,remove,replace]
 
 Then `rcgrpo eval --data DIR ...` scores a model on it (see `rcgrpo.minibench.export`).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .parsing import UsageError, parse
 
@@ -20,6 +21,9 @@ class MinibenchMakeArguments:
     """Options of `rcgrpo minibench make`."""
 
     output_dir: str = field(metadata={"help": "directory to write (new, empty, or an earlier export with --overwrite)"})
+    split: Literal["val", "test"] = field(default="val", metadata={
+        "help": "held-out split: val (for choosing settings; the old 'heldout') or test (a final measurement); "
+                "never sharing an example seed with each other or with train"})
     per_task: int = field(default=50, metadata={"help": "held-out examples per task"})
     seed: int = field(default=0, metadata={"help": "base seed of the held-out examples (the set is a function of it)"})
     size: int = field(default=DEFAULT_SIZE, metadata={"help": "image side in pixels (at least 16)"})
@@ -33,10 +37,10 @@ def run_minibench_make(args: MinibenchMakeArguments) -> int:
     from ..minibench.export import MANIFEST, write_minibench
 
     out = write_minibench(args.output_dir, args.per_task, args.seed, size=args.size, tasks=args.tasks,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, split=args.split)
     manifest = json.loads((out / MANIFEST).read_text())
-    print(json.dumps({"output_dir": str(out), "counts": manifest["counts"], "seed": manifest["seed"],
-                      "size": manifest["size"]}))
+    print(json.dumps({"output_dir": str(out), "split": manifest["split"], "counts": manifest["counts"],
+                      "seed": manifest["seed"], "size": manifest["size"]}))
     return 0
 
 

@@ -29,9 +29,10 @@ PHASES = (  # key, label, parent (display order)
     ("distances", "distances", "update"),
     ("optimizer", "optimizer", "update"),
     ("backward", "backward and rest", "update"),
+    ("diagnostics", "post-update diagnostics", "iteration"),
     ("other", "other", "iteration"),
 )
-TOP_PHASES = ("rollout", "decode", "reward", "advantages", "update")
+TOP_PHASES = ("rollout", "decode", "reward", "advantages", "update", "diagnostics")
 DERIVED_PHASES = ("backward", "other")
 
 

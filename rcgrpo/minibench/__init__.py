@@ -2,7 +2,8 @@
 tools around it.
 
 - `rcgrpo.minibench.tasks`: the procedural task generator (`generate_example`, `MiniBenchDataset`,
-  `example_seed`), deterministic in a seed, with disjoint train / held-out seed streams.
+  `example_seed`), deterministic in a seed, with disjoint train / val / test seed streams ("heldout"
+  is an alias of "val").
 - `rcgrpo.minibench.reward`: `minibench_reward`, the programmatic task reward (EditScore's role here).
 - `rcgrpo.minibench.editor`: the tiny Kontext editor's components (tokenizers, model configs, loading);
   the shipped weights are under `weights/tiny-editor/` (`rcgrpo.testing.tiny_editor()`, `TINY_EDITOR_PATH`).
@@ -21,6 +22,7 @@ from .tasks import (
     MiniBenchDataset,
     MiniBenchExample,
     background_caption,
+    canonical_split,
     example_seed,
     generate_example,
     object_caption,
@@ -41,6 +43,7 @@ __all__ = [
     "MiniBenchDataset",
     "MiniBenchExample",
     "background_caption",
+    "canonical_split",
     "example_seed",
     "generate_example",
     "object_caption",

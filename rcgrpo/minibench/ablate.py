@@ -15,7 +15,7 @@ Protocol (fixed before any run; the defaults of `AblationConfig`):
   α_base 0.02, w_acd 0.5 (the `minibench` preset otherwise); chosen from a 3-step timing pilot
   (about 1 s per step here), before any ablation result was seen;
 - evaluation: the base editor and every run on one held-out MiniBench set in the CompBench layout
-  (`write_minibench`, seed 0), generated with the same seed: CompBench's official metrics
+  (`write_minibench` of `eval_split`, default the val split, seed 0), generated with the same seed: CompBench's official metrics
   (`rcgrpo.eval`: LC-I and LC-T with the shipped tiny CLIP, background PSNR, SSIM; LPIPS when its
   weights are available) and the task reward of each edit;
 - training diagnostics (Fig. 5): the per-candidate background drift and the per-group reward std of
@@ -31,6 +31,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ..io.files import atomic_write_text
 from ..train.config import PRESETS, preset
@@ -72,6 +73,8 @@ class AblationConfig:
     alpha_base: float = _opt(_PRESET["alpha_base"], "α_base of RDP")
     w_acd: float = _opt(_PRESET["w_acd"], "w_acd of rdp_acd")
     train_size: int = _opt(_PRESET["train_size"], "MiniBench train-split examples")
+    eval_split: Literal["val", "test"] = _opt("val", "held-out split evaluated: val (choosing settings; the old "
+                                              "'heldout') or test (once, for the final comparison)")
     eval_per_task: int = _opt(16, "held-out examples per task (add, remove, replace)")
     eval_seed: int = _opt(0, "seed of the held-out set and of the evaluation noises")
     clip_model: str = _opt("tiny-clip", "CLIP for LC-I / LC-T")
@@ -81,6 +84,8 @@ class AblationConfig:
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad or not self.variants:
             raise ValueError(f"--variants: expected some of {', '.join(VARIANTS)}, got {self.variants}")
+        if self.eval_split not in ("val", "test"):
+            raise ValueError(f"--eval-split: expected val or test, got {self.eval_split!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds: expected distinct seeds, got {self.seeds}")
         for name in ("max_steps", "group_size", "num_anchors", "groups_per_step", "num_inference_steps", "lora_rank",
@@ -202,12 +207,12 @@ def run_ablation(cfg: AblationConfig, *, log=print) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    data_dir = out / "heldout"
+    data_dir = out / f"eval-data-{cfg.eval_split}"
     if not (data_dir / "minibench.json").is_file():
-        write_minibench(data_dir, per_task=cfg.eval_per_task, seed=cfg.eval_seed)
+        write_minibench(data_dir, per_task=cfg.eval_per_task, seed=cfg.eval_seed, split=cfg.eval_split)
     pipe, defaults = load_pipeline(cfg.model, device="cpu")
     n_single = len(pipe.transformer.single_transformer_blocks) or len(attention_modules(pipe.transformer))
-    log(f"base model {cfg.model}: evaluating on {3 * cfg.eval_per_task} held-out examples")
+    log(f"base model {cfg.model}: evaluating on {3 * cfg.eval_per_task} examples of the {cfg.eval_split} split")
     base = _evaluate(pipe, defaults, cfg, data_dir, out / "eval" / "base")
     del pipe
     runs = []
@@ -301,7 +306,8 @@ def format_markdown(results: dict) -> str:
              f"{p['max_steps']} steps × {p['groups_per_step']} groups of G = {p['group_size']}, B = {p['num_anchors']}, "
              f"T = {p['num_inference_steps']}, {p['train_timesteps']} train transitions; LoRA r = {p['lora_rank']}, "
              f"lr {p['learning_rate']:g}; α_edit {p['alpha_edit']} (global σ = α_edit), α_base {p['alpha_base']}, "
-             f"w_acd {p['w_acd']} (rdp_acd). Held-out: {3 * p['eval_per_task']} MiniBench examples "
+             f"w_acd {p['w_acd']} (rdp_acd). Held-out: {3 * p['eval_per_task']} MiniBench examples of the "
+             f"{p.get('eval_split', 'heldout')} split "
              f"(seed {p['eval_seed']}), metrics at {p['eval_size']} px as CompBench computes them, CLIP "
              f"`{p['clip_model']}`. Train columns: means over steps of the training logs.", "",
              "| variant | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]

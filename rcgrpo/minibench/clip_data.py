@@ -5,7 +5,7 @@ its held-out scores.
 - `eval_crop(image, mask)`: the crop `rcgrpo eval` hands CLIP (512 px resize, CompBench's PIL box);
   `native_crop(image, mask)`: the crop the trainer's LC-T reward takes (the mask's box at native size).
 - `build_training_set(config)`: preprocessed crops and caption ids from MiniBench's train split only.
-- `heldout_scores(encoder, ...)`: top-1 caption ranking and LC-T (edit vs source) on the held-out split.
+- `heldout_scores(encoder, ...)`: top-1 caption ranking and LC-T (edit vs source) on the val split.
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def heldout_scores(encoder: ClipEncoder, *, per_task: int = 50, seed: int = 0, s
     text = encoder.text_embeddings(captions)
     rows = []
     for size in sizes:
-        for ex in MiniBenchDataset(per_task=per_task, split="heldout", seed=seed, size=int(size), cache=False):
+        for ex in MiniBenchDataset(per_task=per_task, split="val", seed=seed, size=int(size), cache=False):
             rows.append((ex.task, captions.index(ex.caption), take(ex.target, ex.mask), take(ex.image, ex.mask)))
     edit = encoder.image_embeddings([r[2] for r in rows])
     source = encoder.image_embeddings([r[3] for r in rows])

@@ -1,6 +1,6 @@
 """Writing a held-out MiniBench set in the official CompBench layout (`rcgrpo minibench make`).
 
-    write_minibench(output_dir, per_task, seed, size=64, tasks=TASKS, overwrite=False) -> Path
+    write_minibench(output_dir, per_task, seed, size=64, tasks=TASKS, overwrite=False, split="val") -> Path
 
 writes
 
@@ -11,9 +11,10 @@ writes
     <output_dir>/tasks/<task>/mask/<name>.png            edit mask (L, 0 / 255; 255 = edit region)
 
 which `rcgrpo.eval.compbench.CompBenchDataset` reads, so `rcgrpo eval --data <output_dir>` runs on it
-unchanged. The examples are those of `MiniBenchDataset(per_task=per_task, split="heldout", seed=seed,
-size=size, tasks=tasks)`, so the set is a function of (seed, per_task, size, tasks) and never shares an
-example seed with the train split. `<name>` is the generator's example id (`heldout-<task>-<index>`).
+unchanged. The examples are those of `MiniBenchDataset(per_task=per_task, split=split, seed=seed,
+size=size, tasks=tasks)` with split "val" (the default; "heldout" is its old name) or "test", so the set is
+a function of (split, seed, per_task, size, tasks) and never shares an example seed with the train split or
+the other held-out split. `<name>` is the generator's example id (`val-<task>-<index>`, `test-<task>-<index>`).
 Each metadata entry also carries `minibench` (the example's spec, which the programmatic reward
 `minibench_reward` scores eval outputs with), `minibench_id`, `seed` (the example seed) and `split`;
 CompBenchDataset keeps these extra keys in the example's metadata.
@@ -33,7 +34,7 @@ import numpy as np
 
 from ..io.files import atomic_directory, atomic_write_text
 from ..io.images import to_pil
-from .tasks import TASKS, MiniBenchDataset
+from .tasks import TASKS, MiniBenchDataset, canonical_split
 
 DEFAULT_EXPORT_SIZE = 64  # the tiny editor's resolution
 MANIFEST = "minibench.json"
@@ -70,9 +71,16 @@ def _mask_image(mask):
 
 
 def write_minibench(output_dir, per_task: int, seed: int, size: int = DEFAULT_EXPORT_SIZE,
-                    tasks: Sequence[str] = TASKS, overwrite: bool = False) -> Path:
-    """Write `per_task` held-out examples of each task (base seed `seed`, `size`×`size` px) in the
-    CompBench layout under `output_dir` (see the module docstring); returns `output_dir`."""
+                    tasks: Sequence[str] = TASKS, overwrite: bool = False, split: str = "val") -> Path:
+    """Write `per_task` examples of each task of the held-out `split` ("val" or "test"; base seed `seed`,
+    `size`×`size` px) in the CompBench layout under `output_dir` (see the module docstring); returns
+    `output_dir`."""
+    try:
+        split = canonical_split(split)
+    except ValueError:
+        split = None
+    if split not in ("val", "test"):
+        raise ValueError("--split must be val or test (the train split is for training only)")
     if isinstance(per_task, bool) or not isinstance(per_task, (int, np.integer)) or per_task < 1:
         raise ValueError(f"--per-task must be a positive int, got {per_task!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -89,7 +97,7 @@ def write_minibench(output_dir, per_task: int, seed: int, size: int = DEFAULT_EX
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, overwrite)
 
-    dataset = MiniBenchDataset(per_task=int(per_task), split="heldout", seed=int(seed), size=size, tasks=tasks,
+    dataset = MiniBenchDataset(per_task=int(per_task), split=split, seed=int(seed), size=size, tasks=tasks,
                                cache=False)
     spec_version = None
     entries: dict[str, list[dict]] = {t: [] for t in tasks}
@@ -107,11 +115,11 @@ def write_minibench(output_dir, per_task: int, seed: int, size: int = DEFAULT_EX
                                      "split": ex.metadata["split"], "minibench": ex.spec})
         for task, rows in entries.items():
             atomic_write_text(Path(tmp) / "tasks" / task / "metadata.json", json.dumps(rows, indent=1) + "\n")
-        manifest = {"format": FORMAT, "split": "heldout", "seed": int(seed), "per_task": int(per_task), "size": size,
+        manifest = {"format": FORMAT, "split": split, "seed": int(seed), "per_task": int(per_task), "size": size,
                     "tasks": list(tasks), "counts": {t: len(rows) for t, rows in entries.items()},
                     "spec_version": spec_version,
-                    "command": f"rcgrpo minibench make --output-dir DIR --per-task {int(per_task)} --seed {int(seed)} "
-                               f"--size {size} --tasks {','.join(tasks)}"}
+                    "command": f"rcgrpo minibench make --output-dir DIR --split {split} --per-task {int(per_task)} "
+                               f"--seed {int(seed)} --size {size} --tasks {','.join(tasks)}"}
         atomic_write_text(Path(tmp) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return output_dir
 

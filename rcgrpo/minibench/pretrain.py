@@ -324,8 +324,8 @@ def evaluate_editor(pipe, examples, *, num_steps: int = 8, guidance_scale: float
 
 
 def heldout_examples(per_task: int, *, seed: int = 0, size: int = 64) -> list:
-    """The held-out examples used to evaluate pretraining (per_task of each task)."""
-    return list(MiniBenchDataset(split="heldout", per_task=per_task, seed=seed, size=size))
+    """The held-out examples used to evaluate pretraining (per_task of each task of the val split)."""
+    return list(MiniBenchDataset(split="val", per_task=per_task, seed=seed, size=size))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,12 +17,18 @@ replace, "a striped background" (the background's kind) for remove.
 
 Geometry is drawn in normalized coordinates, so one example seed gives the same scene at any ``size``
 (pixel boxes in the spec are those of the rendered ``size``). Splits: ``example_seed(base_seed, split,
-index, task)`` hashes its arguments into 62 bits and puts the split in the lowest bit (train even,
-held-out odd), so the two splits never share an example seed, whatever the base seeds are.
+index, task)`` hashes its arguments and puts the split in the lowest bits: train seeds are even (a 62-bit
+hash shifted by one, unchanged since the tiny editor and the tiny CLIP were pretrained on them),
+validation seeds end in binary 01 and test seeds in 11 (a 61-bit hash shifted by two). So train, val and
+test never share an example seed, whatever the base seeds and indices are, and every seed is < 2^63.
+``"heldout"``, the name of the single odd split before val and test existed, is an alias of ``"val"``
+everywhere a split is named (datasets, ``example_seed``, ``generate_example``); metadata and example ids
+carry the canonical name.
 
 Public API:
     TASKS, SHAPES, COLORS, BACKGROUNDS, SPLITS, MASK_MARGIN, DEFAULT_SIZE
-    example_seed(base_seed, split, index, task=None) -> int
+    example_seed(base_seed, split, index, task=None) -> int; split_of_seed(seed) -> str;
+    canonical_split(split) -> str ("heldout" → "val")
     generate_example(seed, *, task=None, size=DEFAULT_SIZE, split=None, example_id=None) -> MiniBenchExample
     MiniBenchDataset(n=None, *, split="train", seed=0, size=DEFAULT_SIZE, tasks=TASKS, per_task=None)
     shape_coverage(shape, cy, cx, r, height, width, supersample=4) -> np.ndarray [H, W] in [0, 1]
@@ -59,8 +65,8 @@ COLORS: dict[str, tuple[float, float, float]] = {
 BACKGROUNDS = ("gradient", "radial", "stripes", "checks", "noise")
 BACKGROUND_WORDS = {"gradient": "gradient", "radial": "radial", "stripes": "striped", "checks": "checkered",
                     "noise": "mottled"}
-SPLITS = ("train", "heldout")
-SPLIT_BITS = {"train": 0, "heldout": 1}
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"heldout": "val"}  # the old name of the odd seeds' split: old commands keep working
 DEFAULT_SIZE = 32
 MASK_MARGIN = 1.0 / 16.0  # mask margin around the object box, as a fraction of the image size
 GRID = 3  # objects sit in the cells of a GRID × GRID grid
@@ -106,10 +112,14 @@ def _check_task(task) -> str:
     return task
 
 
-def _check_split(split) -> str:
+def canonical_split(split) -> str:
+    """The split's canonical name ("heldout" → "val"); ValueError for an unknown split."""
+    if isinstance(split, str) and split in SPLIT_ALIASES:
+        return SPLIT_ALIASES[split]
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ValueError(f"split must be one of {SPLITS} (or 'heldout', an alias of 'val'), got {split!r}")
     return split
+
 
 
 def _check_size(size) -> int:
@@ -121,10 +131,11 @@ def _check_size(size) -> int:
 def example_seed(base_seed: int, split: str, index: int, task: str | None = None) -> int:
     """The example seed of example `index` of `split` (drawn from `base_seed`, optionally per task).
 
-    A 62-bit hash of (salt, base_seed, task, index) shifted left by one, with the split in the lowest
-    bit (train 0, held-out 1): train and held-out seeds are disjoint for every pair of base seeds.
+    h = a 62-bit hash of (salt, base_seed, task, index); train: ``h << 1`` (even; the seeds the tiny
+    editor and tiny CLIP were pretrained on), val: ``(h >> 1) << 2 | 0b01``, test: ``(h >> 1) << 2 | 0b11``.
+    The low bits name the split, so the splits are disjoint for every pair of base seeds and indices.
     """
-    _check_split(split)
+    split = canonical_split(split)
     if task is not None:
         _check_task(task)
     for name, value in (("base_seed", base_seed), ("index", index)):
@@ -132,17 +143,17 @@ def example_seed(base_seed: int, split: str, index: int, task: str | None = None
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     state = np.random.SeedSequence([_SPLIT_SALT, int(base_seed), _TASK_CODES[task], int(index)]).generate_state(2)
     hashed = ((int(state[0]) << 32) | int(state[1])) >> 2  # 62 bits
-    return (hashed << 1) | SPLIT_BITS[split]
+    if split == "train":
+        return hashed << 1
+    return ((hashed >> 1) << 2) | (0b01 if split == "val" else 0b11)
 
 
 def split_of_seed(seed: int) -> str:
-    """The split an example seed belongs to (its lowest bit)."""
-    return SPLITS[int(seed) & 1]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Rendering
-# ----------------------------------------------------------------------------------------------------
+    """The split an example seed belongs to (its low bits: …0 train, …01 val, …11 test)."""
+    seed = int(seed)
+    if seed & 1 == 0:
+        return "train"
+    return "val" if seed & 0b10 == 0 else "test"
 
 
 def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -391,7 +402,7 @@ def generate_example(seed: int, *, task: str | None = None, size: int = DEFAULT_
                      example_id: str | None = None) -> MiniBenchExample:
     """Render the example of example seed `seed` (deterministic; `task=None` draws the task from the seed).
 
-    `split` is recorded in the metadata (default: the split of the seed's lowest bit).
+    `split` is recorded in the metadata (default: the split of the seed's low bits, `split_of_seed`).
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -399,7 +410,7 @@ def generate_example(seed: int, *, task: str | None = None, size: int = DEFAULT_
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x4D494E49]))
     drawn_task = TASKS[int(rng.integers(len(TASKS)))]
     task = drawn_task if task is None else _check_task(task)
-    split = split_of_seed(seed) if split is None else _check_split(split)
+    split = split_of_seed(seed) if split is None else canonical_split(split)
     background = _draw_background(rng)
     cells = [(r, c) for r in range(GRID) for c in range(GRID)]
     order = rng.permutation(len(cells))
@@ -517,7 +528,7 @@ class MiniBenchDataset(Sequence):
 
     def __init__(self, n: int | None = None, *, split: str = "train", seed: int = 0, size: int = DEFAULT_SIZE,
                  tasks: Sequence[str] = TASKS, per_task: int | None = None, cache: bool = True):
-        self.split = _check_split(split)
+        self.split = canonical_split(split)
         self.size = _check_size(size)
         if isinstance(tasks, str):
             tasks = (tasks,)

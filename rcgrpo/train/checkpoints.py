@@ -3,7 +3,9 @@
     <run>/checkpoint-<step>/pytorch_lora_weights.safetensors   LoRA (diffusers format)
                            /optimizer.pt, scheduler.pt, rng.pt   torch.save'd state dicts (loaded weights_only)
                            /trainer_state.json                   step, counters, the config
+                           /ema.safetensors                      the LoRA's EMA (with ema_decay > 0)
     <run>/lora/pytorch_lora_weights.safetensors                 the final LoRA
+    <run>/lora_ema/pytorch_lora_weights.safetensors             its EMA (with ema_decay > 0)
 
 Every directory is written through `rcgrpo.io.files.atomic_directory`: a crash, kill or full disk leaves
 the previous checkpoints intact. A full disk surfaces as `CheckpointWriteError` (an OSError) naming the
@@ -24,6 +26,7 @@ from ..io.files import atomic_directory, recover_interrupted_replace
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
 
 
 class CheckpointWriteError(OSError):
@@ -40,6 +43,7 @@ class Checkpoint:
     scheduler: dict
     rng: dict
     state: dict  # trainer_state.json
+    ema: dict | None = None  # {"tensors": parameter name → fp32 tensor, "updates": int} (rcgrpo.train.ema)
 
 
 def list_checkpoints(directory) -> list[Path]:
@@ -115,12 +119,17 @@ def write_lora(directory, lora_state: dict) -> Path:
 
 
 def write_checkpoint(run_dir, step: int, *, lora_state: dict, optimizer_state: dict, scheduler_state: dict,
-                     trainer_state: dict) -> Path:
-    """Write `run_dir/checkpoint-<step>/` completely or not at all; returns its path."""
+                     trainer_state: dict, ema_state: dict | None = None) -> Path:
+    """Write `run_dir/checkpoint-<step>/` completely or not at all; returns its path. `ema_state` is
+    `LoraEMA.state_dict()` (stored as safetensors) or None."""
     final = Path(run_dir) / f"{CHECKPOINT_PREFIX}{step}"
     try:
         with atomic_directory(final) as tmp:
             _write_lora_file(tmp, lora_state)
+            if ema_state is not None:
+                from safetensors.torch import save_file
+
+                save_file(ema_state["tensors"], str(tmp / EMA_FILE), metadata={"updates": str(int(ema_state["updates"]))})
             torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(scheduler_state, tmp / "scheduler.pt")
             torch.save(rng_state(), tmp / "rng.pt")
@@ -157,7 +166,19 @@ def read_checkpoint(path) -> Checkpoint:
         scheduler=torch.load(path / "scheduler.pt", weights_only=True),
         rng=torch.load(path / "rng.pt", weights_only=True),
         state=read_trainer_state(path),
+        ema=_read_ema(path / EMA_FILE),
     )
+
+
+def _read_ema(file: Path) -> dict | None:
+    if not file.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        updates = int((fh.metadata() or {}).get("updates", 0))
+    return {"tensors": tensors, "updates": updates}
 
 
 def prune_checkpoints(run_dir, keep: int) -> None:

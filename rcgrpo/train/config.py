@@ -40,6 +40,9 @@ class RCGRPOConfig:
                         "CompBench-format directory", default="squares")
     train_size: int = _doc("examples in the built-in training sets", default=16)
     eval_size: int = _doc("held-out examples used for the before/after reward", default=8)
+    eval_split: Literal["val", "test"] = _doc("MiniBench split of the evaluation examples (dataset 'minibench'; "
+                                              "'val' is what 'heldout' meant before the test split existed; "
+                                              "keep 'test' for a final, once-only measurement)", default="val")
     resolution: int = _doc("edit size in pixels: height × width ≈ resolution² (multiple of 16)", default=512)
     keep_aspect: bool = _doc("keep each image's aspect ratio (the pipeline's resolution buckets scaled to "
                              "resolution²) instead of resizing it to resolution × resolution", default=True)
@@ -90,6 +93,19 @@ class RCGRPOConfig:
         "kernel), 'sdpa', or 'eager' (materialized weights, the measurement baseline)", default="auto")
     advantage: Literal["std", "quasi_norm"] = _doc("group advantage normalization ('quasi_norm': Neighbor GRPO)",
                                                    default="std")
+    advantage_std: Literal["group", "global"] = _doc(
+        "divide the group-centered rewards by each group's std ('group', SPEC §6) or by one std over the step's "
+        "groups on all ranks ('global': groups keep their relative spread; rcgrpo.method.advantages)",
+        default="group")
+    low_variance_threshold: float = _doc(
+        "a group whose task reward (weighted sum, before standardization) has a population std over its G "
+        "candidates below this is 'low-variance': counted in low_variance_fraction every step, and given no "
+        "update with filter_low_variance (in the task reward's units; 0.005 suits rewards in [0, 1] like "
+        "minibench, whose noise-level groups sit near 0.001)", default=0.005)
+    filter_low_variance: bool = _doc(
+        "give low-variance groups no update: advantages 0, no backward, left out of the loss's mean over groups "
+        "and of the global std (counted as filtered_groups; no optimizer step when every group is filtered)",
+        default=False)
     quasi_norm_p: float = _doc("p of the quasi-norm advantage", default=0.8)
     clip_eps: float = _doc("ε_clip of the clipped objective", default=0.2)
     beta: float = _doc("weight of the deviation from the base model's prediction", default=0.0)
@@ -119,9 +135,15 @@ class RCGRPOConfig:
     cache_text_embeddings: bool = _doc("encode each instruction once", default=True)
     offload_states: bool = _doc("keep rollout states on the CPU between rollout and update (moved to the device "
                                 "one group at a time)", default=False)
+    ema_decay: float = _doc("EMA of the LoRA weights: decay per optimizer step (0 disables); the EMA is what "
+                            "evaluation uses, saved as <output_dir>/lora_ema/ beside lora/ (rcgrpo.train.ema)",
+                            default=0.0)
+    ema_start_step: int = _doc("the EMA copies the weights up to this training step and averages after it",
+                               default=0)
     max_nonfinite_steps: int = _doc("stop after this many consecutive non-finite losses/gradients", default=3)
-    log_policy_kl: bool = _doc("after each update, measure KL(π_old‖π_θ) of the surrogate policy on the same "
-                               "batch (one extra forward per anchor transition)", default=True)
+    log_policy_kl: bool = _doc("after each update, measure the surrogate policy's movement on the same batch: "
+                               "policy_kl, approx_kl, clip_frac_high/low, leap_rms_edit/background (one extra "
+                               "no-grad forward per anchor transition)", default=True)
     # --- run control
     max_steps: int = _doc("optimizer steps", default=100)
     seed: int = _doc("seed of data order, noises and anchors", default=0)
@@ -130,6 +152,9 @@ class RCGRPOConfig:
     keep_checkpoints: int = _doc("complete checkpoints kept", default=2)
     log_every: int = _doc("log every N steps", default=1)
     sample_every: int = _doc("save sample edits and ACD heatmaps every N steps (0: never)", default=0)
+    eval_every: int = _doc("every N steps, log the mean task reward of the evaluation set's deterministic edits "
+                           "(eval/task_reward; eval/task_reward_ema with the EMA on) to metrics.jsonl (0: never)",
+                           default=0)
     report_to: str = _doc("trackers: tensorboard, wandb, mlflow or none (comma-separated for several); "
                           "metrics.jsonl is always written", default="tensorboard")
     device: str = _doc("'auto', 'cpu', 'cuda' or 'cuda:N'", default="auto")
@@ -162,6 +187,11 @@ class RCGRPOConfig:
         need(self.beta >= 0, "beta", "a value ≥ 0")
         need(0.0 <= self.mask_threshold <= 1.0, "mask_threshold", "a value in [0, 1]")
         need(self.w_acd >= 0 and math.isfinite(self.w_acd), "w_acd", "a finite value ≥ 0")
+        need(self.low_variance_threshold >= 0 and math.isfinite(self.low_variance_threshold),
+             "low_variance_threshold", "a finite value ≥ 0")
+        need(self.advantage_std == "group" or self.advantage == "std", "advantage_std",
+             "'group' with advantage='quasi_norm' (the global std applies to advantage='std')")
+        need(self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0, "ema_decay", "0 (off) or a value in (0, 1)")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", "'auto', 'cpu' or 'cuda'")
         need(len(self.reward_funcs) >= 1, "reward_funcs", "at least one reward function")
         need(not self.reward_weights or len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
@@ -170,7 +200,8 @@ class RCGRPOConfig:
         for name in ("max_steps", "lora_rank", "gradient_accumulation_steps", "inner_epochs", "train_step_chunk",
                      "max_nonfinite_steps", "keep_checkpoints", "log_every", "train_size", "acd_layers"):
             need(getattr(self, name) >= 1, name, "an int ≥ 1")
-        for name in ("checkpoint_every", "sample_every", "warmup_steps", "weight_decay", "eval_size", "max_grad_norm"):
+        for name in ("checkpoint_every", "sample_every", "warmup_steps", "weight_decay", "eval_size", "max_grad_norm",
+                     "eval_every", "ema_start_step"):
             need(getattr(self, name) >= 0, name, "a value ≥ 0")
         need(bool(str(self.output_dir).strip()), "output_dir", "a directory path (not empty)")
         need(self.editscore_timeout > 0, "editscore_timeout", "a value > 0")

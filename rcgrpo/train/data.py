@@ -66,8 +66,8 @@ class Subset:
 
 def build_datasets(config):
     """(train, held-out) datasets of `config.dataset`: the built-in "squares" task, MiniBench ("minibench":
-    `train_size` examples of its train split drawn with `seed`, the first `eval_size` of its fixed held-out
-    split; the two never share an example seed), or
+    `train_size` examples of its train split drawn with `seed`, the first `eval_size` of its fixed
+    `eval_split` split, val or test; the splits never share an example seed), or
     a CompBench directory whose first `eval_size` examples are held out."""
     if config.dataset == "squares":
         from ..data.synthetic import SquareDataset
@@ -79,7 +79,7 @@ def build_datasets(config):
         from ..minibench.tasks import MiniBenchDataset
 
         train = MiniBenchDataset(config.train_size, split="train", seed=config.seed, size=config.resolution)
-        held_out = MiniBenchDataset(config.eval_size, split="heldout", seed=0, size=config.resolution) \
+        held_out = MiniBenchDataset(config.eval_size, split=config.eval_split, seed=0, size=config.resolution) \
             if config.eval_size else []
         return train, held_out
     from ..eval.compbench import CompBenchDataset

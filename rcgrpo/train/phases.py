@@ -6,8 +6,9 @@
 
 The trainer marks: `rollout` (the pipeline's Euler loop, ACD capture included), `acd` (each ACD op
 call, inside `rollout`), `decode`, `reward`, `advantages`, `update` (anchor predictions, surrogate
-policy, backward), `anchor_forward` and `distances` (inside `update`) and `optimizer` (clipping and
-the AdamW step). Any `torch.profiler` session sees these ranges; the dry run adds a listener that times
+policy, backward), `anchor_forward` and `distances` (inside `update`), `optimizer` (clipping and
+the AdamW step) and `diagnostics` (the no-grad pass after the update that measures how far it moved
+the policy, config `log_policy_kl`). Any `torch.profiler` session sees these ranges; the dry run adds a listener that times
 them and reads peak memory. The backward of the distances runs inside `loss.backward()`; the trainer
 brackets it with `wrap_inputs` / `wrap_outputs`, so listeners see it as `distances` too.
 
@@ -23,7 +24,7 @@ from typing import Protocol
 import torch
 
 PHASE_NAMES = ("rollout", "acd", "decode", "reward", "advantages", "update", "anchor_forward", "distances",
-               "optimizer")
+               "optimizer", "diagnostics")
 
 
 class PhaseListener(Protocol):

@@ -98,7 +98,8 @@ def write_training_report(trainer, *, before: float | None, after: float | None,
             base_img, base_reward = trainer.edit_example(dataset[index], index)
         finally:
             trainer.transformer.enable_adapters()
-        tuned_img, tuned_reward = trainer.edit_example(dataset[index], index)
+        with trainer.evaluation_weights():  # the EMA of the LoRA when it is on, as trainer.evaluate
+            tuned_img, tuned_reward = trainer.edit_example(dataset[index], index)
         tiles.append([image, base_img, tuned_img])
         masks.append(mask)
         rows.append((example_id, instruction, base_reward, tuned_reward))

@@ -42,6 +42,11 @@ _GROUPS = {
     "pi_old_anchor": "policy/pi_old_anchor", "advantage_abs_mean": "policy/advantage_abs_mean",
     "advantage_max": "policy/advantage_max", "grad_norm": "policy/grad_norm", "lr": "policy/lr",
     "time_s": "perf/step_s", "rollout_time_s": "perf/rollout_s",
+    "approx_kl": "policy/approx_kl", "clip_frac_high": "policy/clip_frac_high", "clip_frac_low": "policy/clip_frac_low",
+    "leap_rms_edit": "policy/leap_rms_edit", "leap_rms_background": "policy/leap_rms_background",
+    "explore_rms_edit": "rollout/explore_rms_edit", "explore_rms_background": "rollout/explore_rms_background",
+    "reward_std_between_groups": "reward/std_between_groups", "low_variance_fraction": "reward/low_variance_fraction",
+    "filtered_groups": "reward/filtered_groups", "reference_reward_gap": "reward/reference_gap",
 }
 
 

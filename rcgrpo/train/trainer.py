@@ -14,18 +14,19 @@ the main process writes files.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..flux.rollout import background_drift, decode_latents, latent_shape, rollout
 from ..flux.text import acd_text_weights, encode_prompt
-from ..method.advantages import combine_rewards, group_advantages
+from ..method.advantages import combine_rewards, step_advantages
 from ..method.masks import element_mask, token_mask_for_image
 from ..method.rdp import region_decoupled_noise
 from .checkpoints import (clean_run_directory, list_checkpoints, prune_checkpoints, read_checkpoint, set_rng_state,
@@ -33,7 +34,8 @@ from .checkpoints import (clean_run_directory, list_checkpoints, prune_checkpoin
 from .config import RCGRPOConfig, resume_changes
 from .data import example_at_resolution, resize_example
 from .distributed import Collectives
-from .metrics import GroupSummary, MovingAverage, RowLayout, step_metrics
+from .ema import LoraEMA
+from .metrics import GroupSummary, MovingAverage, RowLayout, exploration_sums, progress_fields, step_metrics
 from .phases import Phases
 from .signals import StopRequest
 from .tracking import RunLog, check_trackers, write_run_info
@@ -62,6 +64,8 @@ class GroupRollout:
     images: torch.Tensor  # [G, 3, H, W]
     background_drift: torch.Tensor  # [G − 1]
     advantages: torch.Tensor | None = None
+    filtered: bool = False  # low-variance group given no update (config filter_low_variance)
+    diag: dict = field(default_factory=dict)  # exploration sums, then the post-update diagnostics
 
 
 class RCGRPOTrainer:
@@ -109,6 +113,12 @@ class RCGRPOTrainer:
         if config.vae_slicing:
             self.pipe.vae.enable_slicing()
         self._setup_lora()
+        self.ema = None
+        if config.ema_decay > 0:
+            names = [n for n, _ in self.transformer.named_parameters() if "lora_" in n]
+            self.ema = LoraEMA(names, self.lora_parameters, decay=config.ema_decay, start_step=config.ema_start_step)
+        if config.eval_every and (eval_dataset is None or len(eval_dataset) == 0):
+            raise ValueError(f"config eval_every = {config.eval_every} needs an evaluation set (eval_size > 0)")
         self.optimizer = torch.optim.AdamW(
             self.lora_parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay,
@@ -269,19 +279,23 @@ class RCGRPOTrainer:
         task = sum(w * components[name] for name, _, w in self.reward_funcs)
         states = result.states
         drift = background_drift(states[:, -1], token_mask)[1:]
+        mask = element_mask(token_mask, channels).to(self.device)
         if cfg.offload_states:
             states = states.cpu()
         return GroupRollout(
             slot=slot, example_id=example_id, states=states, sigmas=result.sigmas, timesteps=result.timesteps,
-            conditioning=result.conditioning, mask=element_mask(token_mask, channels).to(self.device),
+            conditioning=result.conditioning, mask=mask,
             token_mask=token_mask, task_components={k: v.cpu() for k, v in components.items()},
             task_reward=task.cpu(), acd=acd, images=images.cpu(), background_drift=drift.cpu(),
+            diag=exploration_sums(result.states[:, -1], mask),
         )
 
     def compute_advantages(self, groups: list[GroupRollout]) -> int:
-        """Set each group's advantages from rewards standardized over all ranks' groups (SPEC §6);
-        returns the number of groups of the step over all ranks. Every rank calls the same reductions."""
+        """Set each group's advantages from rewards standardized over all ranks' groups (SPEC §6; the
+        low-variance filter and `advantage_std` of `rcgrpo.method.advantages`); returns the number of
+        groups of the step over all ranks. Every rank calls the same reductions."""
         cfg = self.config
+        size = cfg.group_size
         task = torch.cat([g.task_reward for g in groups]) if groups else torch.zeros(0)
         task_mean, task_std, count = self.collectives.mean_std(task)
         acd = acd_stats = None
@@ -289,13 +303,17 @@ class RCGRPOTrainer:
             acd = torch.cat([g.acd for g in groups]) if groups else torch.zeros(0)
             mean, std, _ = self.collectives.mean_std(acd)
             acd_stats = (mean, std)
+        combined = torch.zeros(0)
         if groups:
             combined = combine_rewards(task, acd, w_task=cfg.w_task, w_acd=cfg.w_acd,
                                        task_stats=(task_mean, task_std), acd_stats=acd_stats)
-            adv = group_advantages(combined, cfg.group_size, mode=cfg.advantage, p=cfg.quasi_norm_p)
-            for i, g in enumerate(groups):
-                g.advantages = adv[i * cfg.group_size : (i + 1) * cfg.group_size]
-        return count // cfg.group_size
+        adv, keep = step_advantages(combined, task, size, mode=cfg.advantage, p=cfg.quasi_norm_p, std=cfg.advantage_std,
+                                    low_variance_threshold=cfg.low_variance_threshold if cfg.filter_low_variance else None,
+                                    reduce_sum=self.collectives.sum)
+        for i, g in enumerate(groups):
+            g.filtered = not bool(keep[i])
+            g.advantages = adv[i * size : (i + 1) * size]
+        return count // size
 
     # ------------------------------------------------------------------ update
     def _anchors(self, step: int, slot: int, epoch: int) -> torch.Tensor:
@@ -340,17 +358,20 @@ class RCGRPOTrainer:
         rollout_time = time.perf_counter() - start
         with self.phases("advantages"):
             n_global = self.compute_advantages(groups)
-        epoch_stats: list[list[dict]] = []
+            updated = [g for g in groups if not g.filtered]
+            n_update = n_global if not cfg.filter_low_variance else \
+                int(self.collectives.sum(torch.tensor([float(len(updated))]))[0])
+        epoch_stats: list[dict] = []
         grad_norm = float("nan")
-        skipped_update = n_global == 0
-        policy_kl = None
-        if n_global:
+        skipped_update = n_update == 0
+        if n_update:  # the loss is the mean over the groups that get an update, on all ranks
             with self.phases("update"):
-                grad_norm, skipped_update = self._update(groups, step, n_global, epoch_stats)
-            if cfg.log_policy_kl:
-                local = sum(self.update.policy_kl(g, self._anchors(step, g.slot, 0)) for g in groups)
-                policy_kl = float(self.collectives.sum(torch.tensor([local]))[0]) / n_global
-        return self._step_metrics(groups, epoch_stats, grad_norm, skipped_update, policy_kl, rollout_time,
+                grad_norm, skipped_update = self._update(updated, step, n_update, epoch_stats)
+        if n_global and cfg.log_policy_kl:
+            with self.phases("diagnostics"):
+                for g in groups:
+                    g.diag.update(self.update.diagnostics(g, self._anchors(step, g.slot, 0)))
+        return self._step_metrics(groups, epoch_stats, grad_norm, skipped_update, rollout_time,
                                   time.perf_counter() - start)
 
     def _update(self, groups, step: int, n_global: int, epoch_stats: list) -> tuple[float, bool]:
@@ -359,7 +380,7 @@ class RCGRPOTrainer:
         for epoch in range(cfg.inner_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             stats = [self.group_loss_backward(g, step, epoch, 1.0 / n_global) for g in groups]
-            epoch_stats.append(stats)
+            epoch_stats.append({g.slot: st for g, st in zip(groups, stats)})
             loss_value = self._reduce_gradients(sum(s["loss"] for s in stats)) / n_global
             with self.phases("optimizer"):
                 grad_norm = self._clip_and_norm()
@@ -367,6 +388,8 @@ class RCGRPOTrainer:
                 if finite:
                     self.optimizer.step()
                     self.lr_scheduler.step()
+                    if self.ema is not None:
+                        self.ema.update(step + 1)
             if not finite:
                 self.nonfinite_in_row += 1
                 skipped = True
@@ -386,24 +409,25 @@ class RCGRPOTrainer:
         grads = [p.grad.detach().float().norm() for p in self.lora_parameters if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
 
-    def _step_metrics(self, groups, epoch_stats, grad_norm, skipped, policy_kl, rollout_time, total_time) -> dict:
+    def _step_metrics(self, groups, epoch_stats, grad_norm, skipped, rollout_time, total_time) -> dict:
         """Metrics over all ranks' groups (one gather), the same on every rank."""
         summaries = []
-        for i, g in enumerate(groups):
-            per_epoch = [epoch[i] for epoch in epoch_stats if i < len(epoch)]
+        for g in groups:
+            per_epoch = [epoch[g.slot] for epoch in epoch_stats if g.slot in epoch]
             stats = {k: sum(s[k] for s in per_epoch) / len(per_epoch) for k in per_epoch[0]} if per_epoch else {}
             summaries.append(GroupSummary(slot=g.slot, task=g.task_reward, acd=g.acd, drift=g.background_drift,
                                           advantages=g.advantages if g.advantages is not None
                                           else torch.zeros(self.config.group_size),
-                                          components=g.task_components, stats=stats))
+                                          components=g.task_components, stats=stats, diag=g.diag,
+                                          filtered=g.filtered))
         rows = self.collectives.gather(self.rows.pack(summaries, self.slots_per_rank))
         everyone = self.rows.unpack(rows)
         skips = self.collectives.sum(torch.tensor(self._step_skips, dtype=torch.float64)).tolist()
         self.total_skipped = [self.total_skipped[0] + int(skips[0]), self.total_skipped[1] + int(skips[1])]
-        metrics = {"step": self.step + 1, **step_metrics(everyone, self.rows.reward_names)}
+        metrics = {"step": self.step + 1, **step_metrics(everyone, self.rows.reward_names,
+                                                         low_variance_threshold=self.config.low_variance_threshold)}
         metrics.update({
             "reward_ema": self.reward_ema.update(metrics["reward_mean"]),
-            "policy_kl": policy_kl,
             "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
             "lr": self.lr_scheduler.get_last_lr()[0],
             "groups": len(everyone),
@@ -417,15 +441,39 @@ class RCGRPOTrainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, dataset=None, *, seed: int = 12345) -> float | None:
-        """Mean task reward of the deterministic edit (one fixed noise per example) over `dataset`."""
+    def evaluate(self, dataset=None, *, seed: int = 12345, ema: bool | None = None) -> float | None:
+        """Mean task reward of the deterministic edit (one fixed noise per example) over `dataset`, with the
+        weights `evaluation_weights(ema)` gives (the EMA when it is on)."""
         dataset = dataset if dataset is not None else self.eval_dataset
         if dataset is None or len(dataset) == 0:
             return None
         scores = []
-        for index in range(len(dataset)):
-            scores.append(float(self.edit_example(dataset[index], index, seed=seed)[1]))
+        with self.evaluation_weights(ema):
+            for index in range(len(dataset)):
+                scores.append(float(self.edit_example(dataset[index], index, seed=seed)[1]))
         return sum(scores) / len(scores)
+
+    def evaluation_weights(self, ema: bool | None = None):
+        """A context with the LoRA weights evaluation uses: the EMA (`rcgrpo.train.ema`) when `ema` is True,
+        or None and the EMA is on; the raw weights otherwise."""
+        use = self.ema is not None if ema is None else ema
+        if use and self.ema is None:
+            raise ValueError("no EMA of the LoRA weights: config ema_decay is 0")
+        return self.ema.applied() if use else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def periodic_evaluation(self) -> dict:
+        """`eval/task_reward` (raw weights) and, with the EMA on, `eval/task_reward_ema`: `evaluate` over the
+        evaluation set, its examples sharded over ranks and summed (every rank joins)."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        n = len(self.eval_dataset)
+        keys = [("eval/task_reward", False)] + ([("eval/task_reward_ema", True)] if self.ema is not None else [])
+        sums = []
+        for _, ema in keys:
+            with self.evaluation_weights(ema):
+                sums.append(sum(float(self.edit_example(self.eval_dataset[i], i)[1]) for i in range(rank, n, world)))
+        totals = self.collectives.sum(torch.tensor(sums)).tolist()
+        return {key: total / n for (key, _), total in zip(keys, totals)}
 
     @torch.no_grad()
     def edit_example(self, item, index: int, *, seed: int = 12345):
@@ -481,12 +529,15 @@ class RCGRPOTrainer:
                 while self.step < cfg.max_steps:
                     metrics = self.train_step()
                     self.step += 1
-                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    evaluated = bool(cfg.eval_every) and self.step % cfg.eval_every == 0
+                    if evaluated:
+                        metrics.update(self.periodic_evaluation())
+                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or evaluated:
                         self.run_log.log(metrics)
                     if is_main and cfg.sample_every and self.step % cfg.sample_every == 0:
                         self._save_samples()
                     bar.update(1)
-                    bar.set_postfix(reward=_fmt(metrics.get("reward_mean")), kl=_fmt(metrics.get("policy_kl"), 1, "e"))
+                    bar.set_postfix(progress_fields(metrics))
                     signum = self.collectives.max_int(self.stop.signum or 0)  # any rank's request stops all
                     if signum:
                         self.stopped_by_signal = signum
@@ -500,6 +551,8 @@ class RCGRPOTrainer:
                 self.save_checkpoint()
                 if is_main:
                     self.save_lora(self.output_dir / "lora")
+                    if self.ema is not None:
+                        self.save_lora(self.output_dir / "lora_ema", ema=True)
                 self.accelerator.wait_for_everyone()
         finally:
             bar.close()
@@ -539,9 +592,12 @@ class RCGRPOTrainer:
 
         return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
 
-    def save_lora(self, directory) -> Path:
-        """Write `directory/pytorch_lora_weights.safetensors` in the diffusers format (atomically)."""
-        return write_lora(directory, self.lora_state_dict())
+    def save_lora(self, directory, *, ema: bool = False) -> Path:
+        """Write `directory/pytorch_lora_weights.safetensors` in the diffusers format (atomically): the raw
+        LoRA, or its EMA with `ema=True`."""
+        with self.evaluation_weights(ema):
+            state = {k: v.clone() for k, v in self.lora_state_dict().items()}  # views of the swapped-in weights
+        return write_lora(directory, state)
 
     def save_checkpoint(self) -> Path | None:
         """Write `output_dir/checkpoint-<step>/` completely or not at all (rank 0); keep the last N."""
@@ -553,7 +609,8 @@ class RCGRPOTrainer:
                      "reward_ema": self.reward_ema.state_dict(), "config": _config_for_saving(self.config)}
             final = write_checkpoint(self.output_dir, self.step, lora_state=self.lora_state_dict(),
                                      optimizer_state=self.optimizer.state_dict(),
-                                     scheduler_state=self.lr_scheduler.state_dict(), trainer_state=state)
+                                     scheduler_state=self.lr_scheduler.state_dict(), trainer_state=state,
+                                     ema_state=self.ema.state_dict() if self.ema is not None else None)
             prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         return final
@@ -579,6 +636,11 @@ class RCGRPOTrainer:
             raise ValueError(f"checkpoint {str(ckpt.path)!r} has LoRA keys this model lacks: {unexpected[:4]}")
         for p in self.lora_parameters:
             p.data = p.data.float()
+        if self.ema is not None:
+            if ckpt.ema is None:  # EMA switched on at resume: it starts at the checkpoint's weights
+                self.ema.reset()
+            else:
+                self.ema.load_state_dict(ckpt.ema["tensors"], ckpt.ema["updates"], source=f"checkpoint {str(ckpt.path)!r}")
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.lr_scheduler.load_state_dict(ckpt.scheduler)
         self._apply_optimizer_config()
@@ -683,6 +745,3 @@ def _check_reward(values, batch: int, name: str) -> torch.Tensor:
 def _hwc_uint8(image: torch.Tensor):
     return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype("uint8")
 
-
-def _fmt(value, digits: int = 4, kind: str = "f"):
-    return "-" if value is None else f"{value:.{digits}{kind}}"

@@ -8,16 +8,24 @@ For anchor k and train transition j:
     log π(i | j, k)  = log_softmax_i(−½ d²_C(x^(i)_{j+1}, x̄^(k)_{j+1}))
 
 Transitions are processed in chunks of `train_step_chunk` (one backward each), which bounds the
-activation memory. Besides the loss, the update reports what a user can watch when the ratio is 1 by
-construction (one inner epoch): the surrogate's entropy and the probability π_old puts on the anchor
-itself, and, after the optimizer step, KL(π_old‖π_θ) on the same batch.
+activation memory. Besides the loss, the update reports the surrogate's entropy and the probability
+π_old puts on the anchor itself. After the optimizer step, `diagnostics` runs one no-grad forward per
+anchor transition on the same batch and measures how far the update moved the policy. At MiniBench's D
+the softmax over −½ d²_C is one-hot, so KL(π_old‖π_θ) and the entropy read ~0 whatever the update
+does; what stays informative (all uniform over anchors, transitions and the G candidates):
+
+    approx_kl       = ½ · mean (log ρ)²,  log ρ = clamp(log π_θ − log π_old, −10, 10)   (Flow-GRPO's)
+    clip_frac_high  = fraction of ρ > 1 + ε_clip;   clip_frac_low = fraction of ρ < 1 − ε_clip
+    leap (edit / background): Σ M_d (x̄_θ − x̄_old)² and its count B·|J|·|M| (resp. 1 − M), whose
+                      ratio over all groups is the squared RMS of the anchor's one-step leap
 """
 from __future__ import annotations
 
 import torch
 
 from ..flux.rollout import predict_velocity
-from ..method.policy import grpo_loss, surrogate_log_probs
+from ..method.policy import LOG_RATIO_CLAMP, grpo_loss, surrogate_log_probs
+from .metrics import masked_square_sums
 
 
 class SurrogateUpdate:
@@ -94,19 +102,29 @@ class SurrogateUpdate:
         return stats
 
     @torch.no_grad()
-    def policy_kl(self, group, anchors: torch.Tensor) -> float:
-        """KL(π_old‖π_θ) of the surrogate policy under the current weights, averaged over anchors and
-        train transitions (exact over the G candidates)."""
+    def diagnostics(self, group, anchors: torch.Tensor) -> dict:
+        """The policy's movement on this group under the current weights (see the module docstring), from
+        one forward per anchor transition: `policy_kl` (KL(π_old‖π_θ), exact over the G candidates),
+        `approx_kl`, `clip_frac_high`, `clip_frac_low` (means over anchors and train transitions) and the
+        leap's sums `leap_sq_edit`, `leap_n_edit`, `leap_sq_background`, `leap_n_background`."""
         kwargs = self._distance_kwargs()
-        total = 0.0
+        clip_eps = self.config.clip_eps
+        out = dict.fromkeys(("policy_kl", "approx_kl", "clip_frac_high", "clip_frac_low", "leap_sq_edit",
+                             "leap_n_edit", "leap_sq_background", "leap_n_background"), 0.0)
         for share, x_j, t_j, dt, states_next, old_pred in self._chunks(group, anchors):
             with self.autocast():
                 pred = self._anchor_prediction(group, x_j, t_j, dt, len(anchors))
             new = surrogate_log_probs(states_next, pred, group.mask, **kwargs)
             old = surrogate_log_probs(states_next, old_pred, group.mask, **kwargs)
-            kl = (old.exp() * (old - new)).sum(-1)  # [c, B]
-            total += float(kl.mean()) * share
-        return total
+            out["policy_kl"] += float((old.exp() * (old - new)).sum(-1).mean()) * share
+            log_ratio = (new - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+            ratio = log_ratio.exp()
+            out["approx_kl"] += 0.5 * float(log_ratio.square().mean()) * share
+            out["clip_frac_high"] += float((ratio > 1.0 + clip_eps).float().mean()) * share
+            out["clip_frac_low"] += float((ratio < 1.0 - clip_eps).float().mean()) * share
+            for key, value in masked_square_sums(pred - old_pred.float(), group.mask, "leap").items():
+                out[key] += value
+        return out
 
 
 def _policy_shape(old_log_probs: torch.Tensor, anchors: torch.Tensor) -> dict:
