@@ -23,7 +23,7 @@ def test_reduced_ablation_writes_a_complete_results_json(tmp_path, capsys):
     assert set(results["paired"]) >= {"rdp - global", "rdp_acd - rdp", "rdp_acd - base"}
     assert (out / "fig5.png").is_file() and "Paired differences" in (out / "results.md").read_text()
     assert results["protocol"]["eval_split"] == "val"  # the default: settings are chosen on val, never on test
-    manifest = json.loads((out / "eval-data-val" / "minibench.json").read_text())
+    manifest = json.loads((out / "data" / "val-2x3-seed0" / "minibench.json").read_text())
     assert manifest["split"] == "val" and manifest["per_task"] == 2
     assert "of the val split" in (out / "results.md").read_text()
     assert "| rdp_acd |" in capsys.readouterr().out

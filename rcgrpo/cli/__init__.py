@@ -24,6 +24,7 @@ COMMANDS = {
                     "from runs' metrics.jsonl"),
     "minibench": ("rcgrpo.cli.minibench", "MiniBench tools: `make` writes a held-out set in the CompBench layout"),
     "ablate": ("rcgrpo.cli.ablate", "the paper's Table 2 ablation and Fig. 5 on MiniBench (several seeds, one budget)"),
+    "study": ("rcgrpo.cli.study", "the MiniBench validation study: configurations of a plan file, one run each"),
     "pretrain-tiny": ("rcgrpo.cli.pretrain", "train the tiny MiniBench editor from a seed (reproduces tiny-editor)"),
 }
 

@@ -21,8 +21,14 @@ Protocol (fixed before any run; the defaults of `AblationConfig`):
 - training diagnostics (Fig. 5): the per-candidate background drift and the per-group reward std of
   every step, global vs RDP, as ECDFs pooled over seeds.
 
+Each run is an independent one-thread process (`rcgrpo.minibench.runs`), `parallel` at a time, resumable
+from its checkpoints; a finished run is never rerun. `regime` names a YAML file of `RCGRPOConfig`
+overrides (the regime chosen on the validation split), applied to every variant over the fields below.
+`eval_split` picks the evaluation split (val, or test for the one confirmatory run): with "test" the
+regime file must be committed, and `protocol.protocol_commit` records the commit that last changed it.
+
 `results.json` holds everything; `results.md` the tables: mean ± sd over seeds per variant, and paired
-differences by seed (mean ± sd and t = mean / (sd / sqrt(n))).
+differences by seed (mean ± sd and t = mean / (sd / sqrt(n))), plus each run's learning curve.
 """
 from __future__ import annotations
 
@@ -73,10 +79,13 @@ class AblationConfig:
     alpha_base: float = _opt(_PRESET["alpha_base"], "α_base of RDP")
     w_acd: float = _opt(_PRESET["w_acd"], "w_acd of rdp_acd")
     train_size: int = _opt(_PRESET["train_size"], "MiniBench train-split examples")
-    eval_split: Literal["val", "test"] = _opt("val", "held-out split evaluated: val (choosing settings; the old "
-                                              "'heldout') or test (once, for the final comparison)")
-    eval_per_task: int = _opt(16, "held-out examples per task (add, remove, replace)")
-    eval_seed: int = _opt(0, "seed of the held-out set and of the evaluation noises")
+    eval_per_task: int = _opt(16, "evaluation examples per task (add, remove, replace)")
+    eval_seed: int = _opt(0, "seed of the evaluation set and of the evaluation noises")
+    eval_split: Literal["val", "test"] = _opt("val", "evaluation split: val (choosing settings; the old 'heldout') "
+                                              "or test (once, for the confirmatory run)")
+    eval_every: int = _opt(0, "validation task reward every N steps during training (learning curves; 0: off)")
+    regime: str = _opt("", "YAML file of RCGRPOConfig overrides applied to every variant (the chosen regime)")
+    parallel: int = _opt(2, "runs at a time, one thread each")
     clip_model: str = _opt("tiny-clip", "CLIP for LC-I / LC-T")
     eval_size: int = _opt(512, "metric resolution (CompBench's 512)")
 
@@ -84,14 +93,25 @@ class AblationConfig:
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad or not self.variants:
             raise ValueError(f"--variants: expected some of {', '.join(VARIANTS)}, got {self.variants}")
-        if self.eval_split not in ("val", "test"):
-            raise ValueError(f"--eval-split: expected val or test, got {self.eval_split!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds: expected distinct seeds, got {self.seeds}")
+        if self.eval_split not in ("val", "test"):
+            raise ValueError(f"--eval-split: expected val or test, got {self.eval_split!r}")
+        if self.regime:
+            self.regime_overrides()
         for name in ("max_steps", "group_size", "num_anchors", "groups_per_step", "num_inference_steps", "lora_rank",
-                     "train_size", "eval_per_task"):
+                     "train_size", "eval_per_task", "parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: expected an int ≥ 1, got {getattr(self, name)}")
+
+
+    def regime_overrides(self) -> dict:
+        """The RCGRPOConfig overrides of the `regime` file ({} without one)."""
+        if not self.regime:
+            return {}
+        from ..train.config import RCGRPOConfig
+
+        return RCGRPOConfig.read_yaml(self.regime)
 
 
 class RandomReward:
@@ -119,16 +139,25 @@ def variant_overrides(variant: str, cfg: AblationConfig) -> dict:
     }[variant]
 
 
-def _train_config(cfg: AblationConfig, variant: str, seed: int, run_dir: Path, defaults, n_single: int):
-    return preset("minibench", model=cfg.model, train_size=cfg.train_size, eval_size=0,
-                  resolution=defaults.resolution, max_sequence_length=defaults.max_sequence_length,
-                  guidance_scale=defaults.guidance_scale, group_size=cfg.group_size, num_anchors=cfg.num_anchors,
-                  groups_per_step=cfg.groups_per_step, num_inference_steps=cfg.num_inference_steps,
-                  train_timesteps=cfg.train_timesteps, alpha_edit=cfg.alpha_edit, alpha_base=cfg.alpha_base,
-                  acd_layers=n_single, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank),
-                  learning_rate=cfg.learning_rate, max_steps=cfg.max_steps, seed=seed, output_dir=str(run_dir),
-                  checkpoint_every=0, keep_checkpoints=1, sample_every=0, report_to="none", device="cpu",
-                  **variant_overrides(variant, cfg))
+def run_specs(cfg: AblationConfig) -> list:
+    """The protocol's runs: the base model's evaluation, then every variant × seed."""
+    from .runs import RunSpec
+
+    common = dict(eval_split=cfg.eval_split, eval_per_task=cfg.eval_per_task, eval_seed=cfg.eval_seed,
+                  clip_model=cfg.clip_model, eval_size=cfg.eval_size)
+    train = dict(model=cfg.model, train_size=cfg.train_size, group_size=cfg.group_size, num_anchors=cfg.num_anchors,
+                 groups_per_step=cfg.groups_per_step, num_inference_steps=cfg.num_inference_steps,
+                 train_timesteps=cfg.train_timesteps, alpha_edit=cfg.alpha_edit, alpha_base=cfg.alpha_base,
+                 lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), learning_rate=cfg.learning_rate,
+                 max_steps=cfg.max_steps, eval_every=cfg.eval_every)
+    train.update(cfg.regime_overrides())
+    specs = [RunSpec(name="base", overrides=dict(model=train["model"], max_steps=0), **common)]
+    for seed in cfg.seeds:
+        for variant in cfg.variants:
+            overrides = {**train, **variant_overrides(variant, cfg)}
+            specs.append(RunSpec(name=f"{variant}-seed{seed}", seed=seed, overrides=overrides,
+                                 reward="random" if variant == "random_reward" else "task", **common))
+    return specs
 
 
 def _task_rewards(results: dict, data_dir: Path) -> dict[str, float]:
@@ -157,31 +186,20 @@ def _task_rewards(results: dict, data_dir: Path) -> dict[str, float]:
     return scores
 
 
-def _evaluate(pipe, defaults, cfg: AblationConfig, data_dir: Path, out_dir: Path) -> dict:
+def evaluate_edits(pipe, defaults, spec, data_dir: Path, out_dir: Path) -> dict:
+    """The official CompBench metrics of `pipe`'s edits of the evaluation set, plus each edit's task reward."""
     from ..eval.evaluate import evaluate
 
-    results = evaluate(data_dir, out_dir, pipeline=pipe, steps=cfg.num_inference_steps,
+    results = evaluate(data_dir, out_dir, pipeline=pipe, steps=defaults.num_inference_steps,
                        guidance_scale=defaults.guidance_scale, resolution=defaults.resolution,
-                       max_sequence_length=defaults.max_sequence_length, seed=cfg.eval_seed,
-                       clip_model=cfg.clip_model, eval_size=cfg.eval_size, device="cpu", log=None,
+                       max_sequence_length=defaults.max_sequence_length, seed=spec.eval_seed,
+                       clip_model=spec.clip_model, eval_size=spec.eval_size, device="cpu", log=None,
                        model_defaults=defaults)
     rewards = _task_rewards(results, data_dir)
     averages = {m: results["average"].get(m) for m in METRIC_KEYS if m != "task_reward"}
     averages["task_reward"] = sum(rewards.values()) / len(rewards)
     return {"metrics": averages, "per_task": results["per_task"], "task_reward_per_example": rewards,
-            "unavailable": results.get("unavailable", {})}
-
-
-def _train_summary(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-    def mean(key):
-        values = [r[key] for r in rows if r.get(key) is not None]
-        return sum(values) / len(values) if values else None
-
-    return {"steps": len(rows), "reward_std_within_group": mean("reward_std_within_group"),
-            "background_drift": mean("background_drift"), "reward_first": rows[0]["reward_mean"] if rows else None,
-            "reward_last": rows[-1]["reward_mean"] if rows else None, "time_s": sum(r["time_s"] for r in rows)}
+            "examples": len(rewards), "unavailable": results.get("unavailable", {})}
 
 
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
@@ -194,47 +212,27 @@ def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def run_ablation(cfg: AblationConfig, *, log=print) -> dict:
-    """Run the protocol; writes and returns the results (see the module docstring)."""
-    from ..flux.attention import attention_modules
-    from ..flux.pipeline import load_pipeline
-    from ..rewards.registry import reward_funcs_from_config
-    from ..train.data import build_datasets
+    """Run the protocol (resuming finished and checkpointed runs); writes and returns the results."""
     from ..train.diagnostics import plot_fig5
-    from ..train.trainer import RCGRPOTrainer
-    from .export import write_minibench
+    from .runs import run_pool
 
     cfg.validate()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    data_dir = out / f"eval-data-{cfg.eval_split}"
-    if not (data_dir / "minibench.json").is_file():
-        write_minibench(data_dir, per_task=cfg.eval_per_task, seed=cfg.eval_seed, split=cfg.eval_split)
-    pipe, defaults = load_pipeline(cfg.model, device="cpu")
-    n_single = len(pipe.transformer.single_transformer_blocks) or len(attention_modules(pipe.transformer))
-    log(f"base model {cfg.model}: evaluating on {3 * cfg.eval_per_task} examples of the {cfg.eval_split} split")
-    base = _evaluate(pipe, defaults, cfg, data_dir, out / "eval" / "base")
-    del pipe
+    protocol = protocol_record(cfg)
+    specs = run_specs(cfg)
+    log(f"{len(specs)} runs ({sum(s.max_steps == 0 for s in specs)} base), {cfg.parallel} at a time, "
+        f"evaluated on {3 * cfg.eval_per_task} {cfg.eval_split} examples")
+    results_by_run = run_pool(specs, out, parallel=cfg.parallel, log=log)
+    base = results_by_run[0]["eval"]
     runs = []
-    for seed in cfg.seeds:
-        for variant in cfg.variants:
-            run_dir = out / "runs" / f"{variant}-seed{seed}"
-            t0 = time.time()
-            pipe, defaults = load_pipeline(cfg.model, device="cpu")
-            config = _train_config(cfg, variant, seed, run_dir, defaults, n_single)
-            train_set, _ = build_datasets(config)
-            rewards = [("random_reward", RandomReward(seed))] if variant == "random_reward" \
-                else reward_funcs_from_config(config)
-            trainer = RCGRPOTrainer(pipe, config, rewards, train_set)
-            trainer.train()
-            train_s = time.time() - t0
-            evaluation = _evaluate(trainer.pipe, defaults, cfg, data_dir, out / "eval" / f"{variant}-seed{seed}")
-            runs.append({"variant": variant, "seed": seed, "train": _train_summary(run_dir), **evaluation,
-                         "train_wall_s": train_s, "wall_s": time.time() - t0})
-            log(f"{variant} seed {seed}: task reward {evaluation['metrics']['task_reward']:.4f}, "
-                f"PSNR {_fmt(evaluation['metrics']['PSNR'])}, {time.time() - t0:.0f} s")
-            del trainer, pipe
+    for spec, result in zip(specs[1:], results_by_run[1:]):
+        variant = spec.name.rsplit("-seed", 1)[0]
+        runs.append({"variant": variant, "seed": spec.seed, "train": result["train"], **result["eval"],
+                     "wall_s": result["wall_s"]})
     results = summarize(cfg, base, runs)
+    results["protocol"] = {**results["protocol"], **protocol}
     results["wall_s"] = time.time() - started
     fig_runs = {v: [out / "runs" / f"{v}-seed{s}" for s in cfg.seeds] for v in cfg.variants if v != "random_reward"}
     if fig_runs:
@@ -242,6 +240,34 @@ def run_ablation(cfg: AblationConfig, *, log=print) -> dict:
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False))
     atomic_write_text(out / "results.md", format_markdown(results))
     return results
+
+
+def protocol_record(cfg: AblationConfig) -> dict:
+    """What the results record of the protocol: the split, the number of evaluation examples and, for the
+    test split, the commit that fixed the regime file (which must be committed and unchanged since)."""
+    record = {"split": cfg.eval_split, "test_examples": 3 * cfg.eval_per_task if cfg.eval_split == "test" else None,
+              "eval_examples": 3 * cfg.eval_per_task, "regime_overrides": cfg.regime_overrides(),
+              "protocol_commit": None}
+    if cfg.regime:
+        record["protocol_commit"] = _committed(Path(cfg.regime))
+    if cfg.eval_split == "test" and record["protocol_commit"] is None:
+        raise ValueError("--eval-split test: the protocol must be fixed first: commit the --regime file "
+                         "(settings, seeds and budget) before the confirmatory run")
+    return record
+
+
+def _committed(path: Path) -> str | None:
+    """The commit that last changed `path`, when the file is tracked and has no uncommitted change."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=path.resolve().parent, capture_output=True, text=True)
+
+    log = git("log", "-1", "--format=%H", "--", path.name)
+    dirty = git("status", "--porcelain", "--", path.name)
+    if log.returncode or not log.stdout.strip() or dirty.stdout.strip():
+        return None
+    return log.stdout.strip()
 
 
 def summarize(cfg: AblationConfig, base: dict, runs: list[dict]) -> dict:
@@ -253,7 +279,7 @@ def summarize(cfg: AblationConfig, base: dict, runs: list[dict]) -> dict:
             mean, sd = mean_sd([r["metrics"].get(m) for r in rows])
             entry[m] = {"mean": mean, "sd": sd, "n": len(rows)}
         for m in TRAIN_KEYS:
-            mean, sd = mean_sd([r["train"].get(m) for r in rows])
+            mean, sd = mean_sd([(r["train"].get("means") or {}).get(m) for r in rows])
             entry[f"train/{m}"] = {"mean": mean, "sd": sd, "n": len(rows)}
         table[variant] = entry
     paired = {}
@@ -272,14 +298,16 @@ def summarize(cfg: AblationConfig, base: dict, runs: list[dict]) -> dict:
             t = mean / (sd / math.sqrt(len(per_seed))) if mean is not None and sd and len(per_seed) > 1 else None
             diffs[m] = {"per_seed": per_seed, "mean": mean, "sd": sd, "t": t}
         paired[f"{a} - {b}"] = diffs
-    return {"protocol": asdict(cfg), "table": table, "paired": paired, "base": base, "runs": runs}
+    curves = {f"{r['variant']}-seed{r['seed']}": r["train"].get("curve", []) for r in runs}
+    return {"protocol": asdict(cfg), "table": table, "paired": paired, "base": base, "runs": runs,
+            "learning_curves": curves}
 
 
 def _value(runs, variant, seed, metric):
     for r in runs:
         if r["variant"] == variant and r["seed"] == seed:
             if metric.startswith("train/"):
-                return r["train"].get(metric[len("train/"):])
+                return (r["train"].get("means") or {}).get(metric[len("train/"):])
             return r["metrics"].get(metric)
     return None
 
@@ -335,4 +363,5 @@ def format_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["AblationConfig", "RandomReward", "VARIANTS", "format_markdown", "run_ablation", "summarize"]
+__all__ = ["AblationConfig", "RandomReward", "VARIANTS", "evaluate_edits", "format_markdown", "protocol_record",
+           "run_ablation", "run_specs", "summarize"]
