@@ -330,6 +330,8 @@ def test_rollout_checks_its_inputs(pipes, source, noises):
         run(ed, source[1], noises, text=text, source_area=128 * 128)
     with pytest.raises(ValueError, match="source image must be a \\[1, 3, H, W\\] tensor"):
         run(ed, source[1][0, :2], noises)
+    with pytest.raises(ValueError, match="together with the source image; pass image"):
+        ed.encode_text(INSTRUCTION, None, max_sequence_length=64)
     with pytest.raises(ValueError, match="source_area must be an int"):
         QwenImageEditor(pipes[False], source_area=10)
     from rcgrpo.testing import tiny_kontext_pipeline

@@ -91,6 +91,9 @@ class QwenImageEditor(Editor):
         """Prompt embeddings of `instruction` with the source `image` (`[1, 3, H, W]` in [0, 1] or PIL) as the
         pipeline encodes them, the negative prompt's (None: no true CFG) and `acd_weights` `[N_txt]`."""
         if source is None:
+            if image is None:
+                raise ValueError("encode_text: Qwen-Image-Edit encodes the instruction together with the source "
+                                 "image; pass image")
             source = self.prepare_source(image, source_area=source_area)
         return encode_text(self.pipe, instruction, source.vl_input(self.plus), max_sequence_length=max_sequence_length,
                            acd_text_tokens=acd_text_tokens, negative_prompt=negative_prompt, vl_size=source.vl_size)
