@@ -1,8 +1,8 @@
-"""rcgrpo: region-constrained GRPO post-training for flow-based image editors (FLUX.1-Kontext).
+"""rcgrpo: region-constrained GRPO post-training for flow-based image editors (FLUX.1-Kontext, Qwen-Image-Edit).
 
 Layout (see ARCHITECTURE.md):
 - `rcgrpo.method`: the paper's formulas (masks, RDP, surrogate policy, advantages, ACD);
-- `rcgrpo.flux`: the diffusers integration (pipeline loading, rollouts, the ACD attention processor);
+- `rcgrpo.editors`: the editor families behind one interface (loading, rollouts, the ACD processors);
 - `rcgrpo.train`: config, trainer, checkpoints, phases, reports;
 - `rcgrpo.rewards`: reward functions, the EditScore client and its server;
 - `rcgrpo.eval`: CompBench evaluation; `rcgrpo.dryrun`: full-size dry runs;
@@ -26,13 +26,17 @@ _LAZY = {
     "region_normalized_distance": "rcgrpo.method.policy",
     "surrogate_log_probs": "rcgrpo.method.policy",
     "region_decoupled_noise": "rcgrpo.method.rdp",
-    "RolloutResult": "rcgrpo.flux.rollout",
-    "rollout": "rcgrpo.flux.rollout",
-    "FluxACDAttnProcessor": "rcgrpo.flux.attention",
-    "attach_acd": "rcgrpo.flux.attention",
-    "detach_acd": "rcgrpo.flux.attention",
-    "ACDRecorder": "rcgrpo.flux.attention",
-    "save_acd_heatmap": "rcgrpo.flux.heatmap",
+    "Editor": "rcgrpo.editors.base",
+    "RolloutResult": "rcgrpo.editors.base",
+    "load_editor": "rcgrpo.editors.loading",
+    "editor_for_pipeline": "rcgrpo.editors.loading",
+    "rollout": "rcgrpo.editors.functional",
+    "FluxACDAttnProcessor": "rcgrpo.editors.flux_kontext.attention",
+    "QwenACDAttnProcessor": "rcgrpo.editors.qwen_image_edit.attention",
+    "attach_acd": "rcgrpo.editors.acd",
+    "detach_acd": "rcgrpo.editors.acd",
+    "ACDRecorder": "rcgrpo.editors.acd",
+    "save_acd_heatmap": "rcgrpo.editors.heatmap",
     "RCGRPOConfig": "rcgrpo.train.config",
     "RCGRPOTrainer": "rcgrpo.train.trainer",
 }

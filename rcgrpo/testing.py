@@ -16,27 +16,25 @@ from pathlib import Path
 
 import torch
 
+from .editors.base import ModelDefaults
+from .minibench.editor import EDITOR_RESOLUTION as TINY_EDITOR_RESOLUTION  # noqa: F401 - public names
+from .minibench.editor import EDITOR_STEPS as TINY_EDITOR_STEPS  # noqa: F401
+from .minibench.editor import EDITOR_TEXT_LEN as TINY_EDITOR_TEXT_LEN  # noqa: F401
+from .minibench.editor import TINY_EDITOR_PATH, tiny_editor_defaults
+
 TINY_TEXT_LEN = 16  # T5 tokens used by the tiny pipeline (max_sequence_length)
-TINY_EDITOR_PATH = Path(__file__).resolve().parent / "minibench" / "weights" / "tiny-editor"
-TINY_EDITOR_RESOLUTION = 64  # the tiny editor's image side in pixels
-TINY_EDITOR_TEXT_LEN = 32  # max_sequence_length for the tiny editor (it was trained on 16..64)
-TINY_EDITOR_STEPS = 8  # Euler steps the tiny editor is evaluated with
-
-
-def __getattr__(name):
-    # TINY_EDITOR_DEFAULTS: the rcgrpo.flux.pipeline.ModelDefaults of the tiny editor (imported lazily, so
-    # that importing rcgrpo.testing stays light and free of import cycles)
-    if name == "TINY_EDITOR_DEFAULTS":
-        from .flux.defaults import ModelDefaults
-
-        return ModelDefaults(resolution=TINY_EDITOR_RESOLUTION, num_inference_steps=TINY_EDITOR_STEPS,
-                             max_sequence_length=TINY_EDITOR_TEXT_LEN, guidance_scale=2.5)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+TINY_DEFAULTS = ModelDefaults(resolution=32, num_inference_steps=4, max_sequence_length=TINY_TEXT_LEN)
+TINY_EDITOR_DEFAULTS = tiny_editor_defaults()
+# The tiny Qwen-Image-Edit pipelines: 64 px, 4 steps, true CFG 4 with the negative prompt " ", the source
+# encoded at 64² px (the stock pipelines' 1024² source takes seconds per VAE call on a CPU).
+TINY_QWEN_DEFAULTS = ModelDefaults(resolution=64, num_inference_steps=4, max_sequence_length=64, guidance_scale=4.0,
+                                   negative_prompt=" ")
+TINY_QWEN_SOURCE_AREA = 64 * 64
 
 
 def tiny_clip_tokenizer():
     """The character-level CLIP tokenizer of the tiny pipelines (77 positions)."""
-    from .flux.tokenizers import char_clip_tokenizer
+    from .minibench.tokenizers import char_clip_tokenizer
 
     return char_clip_tokenizer(77)
 
@@ -190,7 +188,7 @@ def _qwen_tokenizer_files(folder: Path, templates: list[str]) -> None:
 
     from transformers import Qwen2Tokenizer
 
-    from .flux.tokenizers import byte_level_alphabet
+    from .minibench.tokenizers import byte_level_alphabet
 
     vocab = {ch: i for i, ch in enumerate(byte_level_alphabet())}
     pre_tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=[])._tokenizer.pre_tokenizer
@@ -309,3 +307,36 @@ def tiny_qwen_edit_pipeline(seed: int = 0, *, plus: bool = False, dtype: torch.d
     if dtype != torch.float32 or torch.device(device).type != "cpu":
         pipe = pipe.to(device=device, dtype=dtype)
     return pipe
+
+
+# ------------------------------------------------------------------------------------------------
+# The offline models by name (`--model tiny`, `tiny-qwen`, `tiny-qwen-plus`)
+# ------------------------------------------------------------------------------------------------
+def tiny_kontext_editor(device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """`tiny_kontext_pipeline(seed)` as an Editor with `TINY_DEFAULTS` (`--model tiny`)."""
+    from .editors.flux_kontext import FluxKontextEditor
+
+    return FluxKontextEditor(tiny_kontext_pipeline(seed, dtype=dtype, device=device), TINY_DEFAULTS)
+
+
+def tiny_qwen_editor(device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0, *, plus: bool = False):
+    """`tiny_qwen_edit_pipeline(seed, plus=plus)` as an Editor with `TINY_QWEN_DEFAULTS`, the source encoded at
+    `TINY_QWEN_SOURCE_AREA` (`--model tiny-qwen` / `tiny-qwen-plus`)."""
+    from .editors.qwen_image_edit import QwenImageEditor
+
+    pipe = tiny_qwen_edit_pipeline(seed, plus=plus, dtype=dtype, device=device)
+    return QwenImageEditor(pipe, TINY_QWEN_DEFAULTS, source_area=TINY_QWEN_SOURCE_AREA,
+                           condition_area=TINY_QWEN_SOURCE_AREA)
+
+
+def _register() -> None:
+    from .editors.loading import register_model
+
+    register_model("tiny", tiny_kontext_editor, TINY_DEFAULTS, "random tiny FLUX.1-Kontext pipeline (tests)")
+    register_model("tiny-qwen", tiny_qwen_editor, TINY_QWEN_DEFAULTS, "random tiny Qwen-Image-Edit pipeline (tests)")
+    register_model("tiny-qwen-plus", lambda device="cpu", dtype=torch.float32, seed=0: tiny_qwen_editor(
+        device, dtype, seed, plus=True), TINY_QWEN_DEFAULTS, "random tiny Qwen-Image-Edit-Plus pipeline (tests)")
+
+
+_register()
+

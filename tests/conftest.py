@@ -12,6 +12,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The offline models (`tiny`, `tiny-qwen`, `tiny-editor`), the MiniBench dataset and reward register
+# themselves in the core's registries when imported, as the rcgrpo command line does.
+import rcgrpo.minibench  # noqa: E402,F401
+import rcgrpo.testing  # noqa: E402,F401
+
 from rcgrpo_kernels._backends import backend_unavailable_reason  # noqa: E402
 
 

@@ -8,7 +8,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStream
 import rcgrpo
 from rcgrpo.editors import acd
 from rcgrpo.editors.qwen_image_edit import QwenACDAttnProcessor
-from rcgrpo.flux import attention as flux_attention
+from rcgrpo.editors.flux_kontext import attention as flux_attention
 from rcgrpo.testing import tiny_kontext_pipeline, tiny_qwen_edit_pipeline
 
 
@@ -45,9 +45,9 @@ def test_attach_acd_picks_the_family_from_the_transformer_class(qwen, flux):
 
 
 def test_old_import_paths_are_the_generic_recorder():
-    assert flux_attention.attach_acd is acd.attach_acd and rcgrpo.attach_acd is acd.attach_acd
-    assert flux_attention.ACDRecorder is acd.ACDRecorder and flux_attention.Capture is acd.Capture
-    assert flux_attention.detach_acd is acd.detach_acd and flux_attention.get_acd_recorder is acd.get_acd_recorder
+    assert rcgrpo.attach_acd is acd.attach_acd and rcgrpo.detach_acd is acd.detach_acd
+    assert rcgrpo.ACDRecorder is acd.ACDRecorder
+    assert rcgrpo.FluxACDAttnProcessor is flux_attention.FluxACDAttnProcessor
 
 
 def test_unknown_transformers_and_custom_processors_are_refused(qwen):

@@ -12,15 +12,10 @@ from diffusers.models.transformers import transformer_flux
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from PIL import Image
 
-from rcgrpo.flux.attention import (
-    ACDRecorder,
-    FluxACDAttnProcessor,
-    attach_acd,
-    attention_modules,
-    detach_acd,
-)
-from rcgrpo.flux.heatmap import save_acd_heatmap
-from rcgrpo.flux.rollout import rollout
+from rcgrpo.editors.acd import ACDRecorder, attach_acd, detach_acd
+from rcgrpo.editors.flux_kontext.attention import FluxACDAttnProcessor, attention_modules
+from rcgrpo.editors.heatmap import save_acd_heatmap
+from rcgrpo.editors.flux_kontext.rollout import rollout
 from rcgrpo.testing import TINY_TEXT_LEN, tiny_kontext_pipeline
 
 SIZE = 32

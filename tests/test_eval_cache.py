@@ -15,7 +15,7 @@ from rcgrpo.eval.compbench_synthetic import write_compbench_example_dir
 from rcgrpo.eval.evaluate import evaluate
 from rcgrpo.eval.generate import (GenerationSettings, file_sha256, model_identity, output_path, plan_generation,
                                   read_key, sidecar_path)
-from rcgrpo.flux.pipeline import TINY_DEFAULTS
+from rcgrpo.testing import TINY_DEFAULTS
 from test_eval_official import one_thread  # noqa: F401 - autouse: one torch thread
 
 FAST = dict(clip_model=None, eval_size=32, log=None)

@@ -388,7 +388,7 @@ def test_labelled_grid_enlarges_small_tiles(tmp_path):
 
 
 def test_acd_figure_has_colour_bar_panels_and_acd(tmp_path):
-    from rcgrpo.flux.heatmap import acd_density, save_acd_figure
+    from rcgrpo.editors.heatmap import acd_density, save_acd_figure
 
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(32, 32)

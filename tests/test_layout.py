@@ -83,8 +83,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_graph_sees_relative_and_function_level_imports():
     graph = import_graph()
-    assert "rcgrpo.method.masks" in graph["rcgrpo.flux.rollout"]  # `from ..method.masks import token_grid`
-    assert "rcgrpo.flux.attention" in graph["rcgrpo.train.trainer"]  # imported inside __init__
+    assert "rcgrpo.method.masks" in graph["rcgrpo.editors.flux_kontext.rollout"]  # `from ...method.masks import`
+    assert "rcgrpo.editors.acd" in graph["rcgrpo.train.trainer"]  # imported inside __init__
 
 
 def test_no_import_cycles_in_rcgrpo():
@@ -125,3 +125,42 @@ def test_pyproject_lists_every_package():
     listed = set(tomllib.loads((PACKAGE_ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {_module_name(p) for p in PACKAGE_ROOT.rglob("__init__.py")} | {"rcgrpo_kernels"}
     assert found == listed, f"missing from pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+
+
+CORE_PACKAGES = ("rcgrpo.method", "rcgrpo.editors", "rcgrpo.train", "rcgrpo.rewards", "rcgrpo.eval", "rcgrpo.dryrun",
+                 "rcgrpo.io", "rcgrpo.data")
+OUTER = ("rcgrpo.minibench", "rcgrpo.testing", "rcgrpo.cli")
+
+
+def test_layers_point_one_way():
+    """The method, kernels, editors, rewards, training, eval and dry run never import the toy benchmark,
+    the test fixtures or the command line (entry-point `__main__` modules excepted): those register
+    themselves in the core's registries or wire it together."""
+    graph = import_graph()
+    wrong = sorted((module, dep) for module, deps in graph.items() for dep in deps
+                   if module.startswith(CORE_PACKAGES) and not module.endswith("__main__")
+                   and dep.startswith(OUTER))
+    assert not wrong, wrong
+
+
+def test_no_module_outside_the_flux_family_names_flux():
+    """FLUX.1-Kontext is one editor family: outside `rcgrpo.editors.flux_kontext` (and the offline models
+    built on it, the dry run's architecture table, the loader's family table) no code names a Flux class."""
+    allowed = {"rcgrpo/editors/flux_kontext", "rcgrpo/testing.py", "rcgrpo/minibench", "rcgrpo/dryrun/archs.py",
+               "rcgrpo/editors/loading.py", "rcgrpo/editors/acd.py", "rcgrpo/__init__.py"}
+    offenders = []
+    for path in PACKAGE_ROOT.rglob("*.py"):
+        rel = path.relative_to(PACKAGE_ROOT.parent).as_posix()
+        if any(rel == a or rel.startswith(a + "/") for a in allowed):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Name):
+                names = [node.id]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            if any("Flux" in n or "flux" in n.split(".") for n in names):
+                offenders.append(f"{rel}:{node.lineno}")
+    assert not offenders, offenders

@@ -20,7 +20,7 @@ from rcgrpo.editors.acd import detach_acd
 from rcgrpo.editors.qwen_image_edit import QwenACDAttnProcessor, QwenImageEditor
 from rcgrpo.editors.qwen_image_edit.attention import attention_modules
 from rcgrpo.editors.qwen_image_edit.source import STOCK_CONDITION_AREA, STOCK_SOURCE_AREA
-from rcgrpo.flux.rollout import euler_step
+from rcgrpo.editors.latents import euler_step
 from rcgrpo.testing import tiny_qwen_edit_pipeline
 
 INSTRUCTION = "make the hat red"

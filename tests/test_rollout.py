@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from rcgrpo.method.rdp import region_decoupled_noise
-from rcgrpo.flux.rollout import euler_step, latent_shape, predict_velocity, rollout
+from rcgrpo.editors.flux_kontext.rollout import latent_shape, predict_velocity, rollout
+from rcgrpo.editors.latents import euler_step
 from rcgrpo.testing import TINY_TEXT_LEN, tiny_kontext_pipeline
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from rcgrpo.cli import main as cli_main
 from rcgrpo.data.synthetic import SquareDataset, redness_reward
-from rcgrpo.flux.rollout import predict_velocity
+from rcgrpo.editors.flux_kontext.rollout import predict_velocity
 from rcgrpo.testing import tiny_kontext_pipeline
 from rcgrpo.train.config import RCGRPOConfig, preset
 from rcgrpo.train.ema import LoraEMA
@@ -335,7 +335,8 @@ def test_eval_every_logs_the_evaluation_reward(tmp_path):
 
 # ---------------------------------------------------------------- β on the MiniBench editor
 def test_beta_works_with_the_minibench_preset(tmp_path):
-    from rcgrpo.flux.pipeline import load_pipeline
+    import rcgrpo.minibench  # noqa: F401 - registers tiny-editor, the minibench dataset and reward
+    from rcgrpo.editors.loading import load_editor
     from rcgrpo.minibench.reward import minibench_reward
     from rcgrpo.train.data import build_datasets
 
@@ -343,8 +344,7 @@ def test_beta_works_with_the_minibench_preset(tmp_path):
                  train_timesteps="2", max_steps=2, train_size=4, eval_size=0, beta=0.5, learning_rate=5e-3,
                  checkpoint_every=0, sample_every=0, report_to="none", output_dir=str(tmp_path / "run"))
     train_set, _ = build_datasets(cfg)
-    pipe, _ = load_pipeline(cfg.model, device="cpu")
-    tr = RCGRPOTrainer(pipe, cfg, [("minibench", minibench_reward)], train_set)
+    tr = RCGRPOTrainer(load_editor(cfg.model, device="cpu"), cfg, [("minibench", minibench_reward)], train_set)
     first = tr.train_step()
     tr.step += 1
     second = tr.train_step()

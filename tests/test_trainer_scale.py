@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-import rcgrpo.flux.attention as attention_module
+import rcgrpo.editors.flux_kontext.attention as attention_module
 from rcgrpo.cli import main as cli_main
-from rcgrpo.flux.compare import perturbation_schemes
+from rcgrpo.editors.compare import perturbation_schemes
 from rcgrpo.data.synthetic import SquareDataset, redness_reward
-from rcgrpo.flux.text import prompt_token_mask
+from rcgrpo.editors.flux_kontext.text import prompt_token_mask
 from rcgrpo.testing import tiny_kontext_pipeline
 from rcgrpo.train.checkpoints import CheckpointWriteError, list_checkpoints
 from rcgrpo.train.config import RCGRPOConfig, preset
@@ -178,7 +178,7 @@ def test_steps_log_policy_signals(tmp_path):
 
 # ---------------------------------------------------------------- non-square images keep their aspect
 def test_a_non_square_example_is_edited_at_its_aspect_ratio(tmp_path):
-    from rcgrpo.flux.resolution import edit_size
+    from rcgrpo.editors.flux_kontext.resolution import edit_size
 
     image = torch.rand(3, 60, 100)
     mask = torch.zeros(60, 100)
@@ -195,7 +195,7 @@ def test_a_non_square_example_is_edited_at_its_aspect_ratio(tmp_path):
 
 
 def test_edit_size_keeps_the_aspect_and_tiles_the_token_grid():
-    from rcgrpo.flux.resolution import edit_size
+    from rcgrpo.editors.flux_kontext.resolution import edit_size
 
     assert edit_size(512, 512, target=512, multiple=16) == (512, 512)
     assert edit_size(600, 800, target=1024, multiple=16) == (880, 1184)  # Kontext's own bucket

@@ -28,6 +28,14 @@ COMMANDS = {
     "pretrain-tiny": ("rcgrpo.cli.pretrain", "train the tiny MiniBench editor from a seed (reproduces tiny-editor)"),
 }
 
+def register_offline_models() -> None:
+    """The command line wires the offline models, dataset and reward into the core's registries:
+    `--model tiny | tiny-qwen | tiny-qwen-plus` (rcgrpo.testing), `tiny-editor`, `dataset: minibench` and
+    `reward_funcs: [minibench]` (rcgrpo.minibench). The core never imports either package."""
+    importlib.import_module("rcgrpo.testing")
+    importlib.import_module("rcgrpo.minibench")
+
+
 BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
 
 
@@ -64,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         asks_help = any(a in ("-h", "--help") for a in argv[1:])
         if not debug and not asks_help:  # --help stays fast: diffusers is not imported for it
             _quiet_libraries()
+        if not asks_help:
+            register_offline_models()
         with warnings.catch_warnings():
             if not debug:
                 warnings.showwarning = _one_line_warning

@@ -59,7 +59,7 @@ def parse_train_args(argv: list[str], prog: str = "rcgrpo train") -> tuple[Train
     known, _ = first.parse_known_args([a for a in argv if a not in ("-h", "--help")])
     defaults = base_values(TrainCommandArguments(**vars(known)))
     return parse((TrainCommandArguments, RCGRPOConfig), argv, prog, defaults=defaults,
-                 description="RC-GRPO training of a LoRA on a FLUX.1-Kontext pipeline.")
+                 description="RC-GRPO training of a LoRA on an image editor (FLUX.1-Kontext, Qwen-Image-Edit).")
 
 
 def main(argv: list[str], prog: str = "rcgrpo train") -> int:
@@ -67,7 +67,7 @@ def main(argv: list[str], prog: str = "rcgrpo train") -> int:
     import torch
 
     from .preflight import check_memory_fits
-    from ..flux.pipeline import load_pipeline
+    from ..editors.loading import load_editor
     from ..rewards.registry import reward_funcs_from_config
     from ..train.data import build_datasets
     from ..train.trainer import RCGRPOTrainer
@@ -78,9 +78,9 @@ def main(argv: list[str], prog: str = "rcgrpo train") -> int:
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" and torch.cuda.is_available() else None
     train_set, eval_set = build_datasets(config)
     rewards = reward_funcs_from_config(config)
-    pipe, _ = load_pipeline(config.model, device=device, dtype=dtype)
-    check_memory_fits(config, pipe.transformer.device, pipe)  # the loaded architecture (tiny models, hub ids)
-    trainer = RCGRPOTrainer(pipe, config, rewards, train_set, eval_set)
+    editor = load_editor(config.model, device=device, dtype=dtype)
+    check_memory_fits(config, editor.device, editor.pipe)  # the loaded architecture (tiny models, hub ids)
+    trainer = RCGRPOTrainer(editor, config, rewards, train_set, eval_set)
     main_process = trainer.accelerator.is_main_process
     if command.resume:
         trainer.resume(command.resume)

@@ -198,7 +198,7 @@ def dry_run(s: DryRunSettings, *, log=print) -> dict:
     for example in dataset.examples:
         embeds = torch.randn(1, text_len, spec["text_dim"], generator=gen).to(device=device, dtype=dtype)
         pooled = torch.randn(1, spec["pooled_dim"], generator=gen).to(device=device, dtype=dtype)
-        trainer.set_text_embeddings(example.instruction, embeds, pooled)
+        trainer.set_text_conditions(example.instruction, trainer.editor.text_conditions(embeds, pooled))
     trainer.phases.add_listener(tracker)
     setup_s = time.perf_counter() - t1
     built["lora_params"] = sum(p.numel() for p in trainer.lora_parameters)

@@ -56,7 +56,7 @@ class ACDFamily:
 _FAMILIES: dict[str, ACDFamily] = {}
 # Built-in families, imported on first use: class name -> module defining ACD_FAMILY.
 _BUILTIN_MODULES = {
-    "FluxTransformer2DModel": "rcgrpo.flux.attention",
+    "FluxTransformer2DModel": "rcgrpo.editors.flux_kontext.attention",
     "QwenImageTransformer2DModel": "rcgrpo.editors.qwen_image_edit.attention",
 }
 
@@ -376,7 +376,7 @@ class ACDRecorder:
     def heatmap(self, image, path, *, capture: Capture, calls=None, mask=None, grid=None, index: int = 0,
                 alpha: float = 0.5, cmap: str = "jet") -> Path:
         """Save the ACD heatmap of `capture` over `image` as a PNG (see `save_acd_heatmap`)."""
-        from ..flux.heatmap import save_acd_heatmap
+        from .heatmap import save_acd_heatmap
 
         return save_acd_heatmap(image, path, capture, calls=calls, mask=mask, grid=grid, index=index,
                                 alpha=alpha, cmap=cmap)

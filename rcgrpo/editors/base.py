@@ -14,6 +14,7 @@ The method (SPEC §3-7) sees an editor only through this interface, so the train
     editor.velocity(cond, x, t)               v_θ(x, t, c) `[B, N_img, C]` with the family's guidance
                                               (Kontext: guidance embedding; Qwen: true CFG)
     editor.decode(x, h, w)                    images `[B, 3, h, w]` in [0, 1], as the pipeline decodes
+    editor.edit(image, instruction, seed=s)   one edit from a seeded noise (what `rcgrpo eval` scores)
     editor.lora_targets / save_lora / load_lora   LoRA on the attention projections, in the family's
                                               diffusers format (stock `load_lora_weights` loads it)
     editor.attention_modules()                (name, module) of every joint attention, execution order
@@ -86,6 +87,11 @@ class Editor(ABC):
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
+    @classmethod
+    @abstractmethod
+    def family_defaults(cls) -> ModelDefaults:
+        """The family's own settings (its released model's resolution, steps, text length, guidance)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.pipe).__name__}, {self.defaults})"
 
@@ -106,6 +112,20 @@ class Editor(ABC):
         """(N_img, C) of the packed target latents of a `height`×`width` edit."""
         rows, cols = self.token_grid(height, width)
         return rows * cols, self.latent_channels
+
+    def token_mask(self, pixel_mask, height: int, width: int, *, pooling: str = "max", threshold: float = 0.5,
+                   name: str = "mask") -> torch.Tensor:
+        """The checked token mask `[N_img]` of a pixel mask `[H, W]` of an `height`×`width` edit (SPEC §2)."""
+        from ..method.masks import as_pixel_mask, check_token_mask, pixel_to_token_mask
+
+        pixel = as_pixel_mask(pixel_mask, name=name)
+        if tuple(pixel.shape) != (height, width):
+            raise ValueError(f"{name}: mask size {pixel.shape[0]}x{pixel.shape[1]} does not match the image size "
+                             f"{height}x{width}")
+        mask = pixel_to_token_mask(pixel, self.token_grid(height, width), pooling=pooling, threshold=threshold,
+                                   name=name)
+        check_token_mask(mask, name=name)
+        return mask
 
     @property
     @abstractmethod
@@ -141,6 +161,18 @@ class Editor(ABC):
         `image` is the source `[1, 3, H, W]` in [0, 1]; `text` the result of `encode_text` (encoded
         here when None). The final images equal the stock pipeline's for the same noise and settings."""
 
+    @torch.no_grad()
+    def edit(self, image, instruction: str, *, num_steps: int, guidance_scale: float, height: int, width: int,
+             max_sequence_length: int, seed: int, negative_prompt: str | None = None) -> torch.Tensor:
+        """One edit `[3, H, W]` in [0, 1] from the noise `seed` draws (`rcgrpo eval`'s edits): a rollout of
+        one candidate from `randn([1, N_img, C])` of a CPU generator seeded with `seed`."""
+        n_img, channels = self.latent_shape(height, width)
+        noise = torch.randn((1, n_img, channels), generator=torch.Generator().manual_seed(int(seed)))
+        result = self.rollout(image, instruction, noise.to(self.device, self.dtype), num_steps=num_steps,
+                              guidance_scale=guidance_scale, height=height, width=width,
+                              max_sequence_length=max_sequence_length, negative_prompt=negative_prompt)
+        return result.images[0].float().clamp(0, 1).cpu()
+
     @abstractmethod
     def velocity(self, conditioning, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """v_θ(x, t, c) `[B, N_img, C]` for latents `[B, N_img, C]` at scheduler timesteps `[B]`
@@ -151,10 +183,18 @@ class Editor(ABC):
         """Images `[B, 3, H, W]` in [0, 1] from packed latents `[B, N_img, C]`, as the pipeline decodes."""
 
     # ------------------------------------------------------------------ LoRA
-    @abstractmethod
     def save_lora(self, state_dict: dict[str, torch.Tensor], directory) -> Path:
-        """Write the transformer's LoRA (peft state dict) in the family's diffusers format to
-        `directory/pytorch_lora_weights.safetensors`; a stock pipeline's `load_lora_weights` loads it."""
+        """Write the transformer's LoRA (a peft state dict) in the family's diffusers format to
+        `directory/pytorch_lora_weights.safetensors` with the pipeline class's `save_lora_weights`; each
+        module's alpha/rank scale is folded into `lora_B` (the file carries no alpha, and diffusers'
+        loader assumes alpha = rank), so a stock `load_lora_weights` reproduces the trained model."""
+        from .lora import LORA_WEIGHT_NAME, fold_lora_scale
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        type(self.pipe).save_lora_weights(str(directory), transformer_lora_layers=fold_lora_scale(state_dict,
+                                          self.transformer), weight_name=LORA_WEIGHT_NAME)
+        return directory / LORA_WEIGHT_NAME
 
     def load_lora(self, path, *, option: str = "--lora") -> None:
         """Load diffusers-format LoRA weights into the pipeline, checked against the model first."""

@@ -1,7 +1,7 @@
 """`rcgrpo eval`: CompBench local-editing evaluation (add / remove / replace) that gives the numbers of the
 official `eval_all.py`, example for example.
 
-1. Edits: generated with `rcgrpo.flux.pipeline.load_pipeline(model)` (`tiny`, `tiny-editor`, a local
+1. Edits: generated with `rcgrpo.editors.loading.load_editor(model)` (`tiny`, `tiny-editor`, a local
    path or a hub id; `lora` loads diffusers-format LoRA weights) into `OUT/outputs/<task>/<image_path>`
    (PNG), with a cache keyed on what produced each edit (`rcgrpo.eval.generate`): a stale edit is
    regenerated (`stale_outputs="refuse"`: refused). Steps, guidance, resolution and text length default
@@ -116,7 +116,7 @@ def evaluate(data, output_dir, *, pipeline=None, model: str | None = None, lora:
     """Generate (or take) edits for a CompBench directory and score them; returns the results dict that is
     also written to `output_dir/results.json` (and `results.md`). See the module docstring.
 
-    `pipeline`: an already-built FluxKontextPipeline (then `model` only labels it in the cache key, and
+    `pipeline`: an already-built Editor or pipeline of a supported family (then `model` only labels it in the cache key, and
     `model_defaults` or every generation setting must be given). `clip` / `lpips_net`: ready models
     (tests). `limit`: at most this many examples per task.
     """
@@ -125,12 +125,12 @@ def evaluate(data, output_dir, *, pipeline=None, model: str | None = None, lora:
     _check_options(eval_size=eval_size, steps=steps, resolution=resolution, max_sequence_length=max_sequence_length,
                    guidance_scale=guidance_scale, stale_outputs=stale_outputs, outputs_dir=outputs_dir,
                    pipeline=pipeline, model=model, lora=lora)
-    from ..flux.pipeline import lora_file as find_lora_file
+    from ..editors.lora import lora_file as find_lora_file
 
     lora_file = find_lora_file(lora) if (lora and outputs_dir is None) else None
     dataset = data if isinstance(data, CompBenchDataset) else CompBenchDataset(
         data, tasks=tasks, limit=limit, require_ground_truth=False, check_sizes=False, allow_missing=True)
-    from ..flux.pipeline import default_device
+    from ..editors.loading import default_device
 
     dev = default_device(str(device) if device is not None else None)
 
@@ -238,10 +238,11 @@ def _fail_if_skipped(skipped: dict[str, str], fail: bool) -> None:
                                 "(without --fail-on-skipped they are skipped and listed in results.md)")
 
 
-def _load_pipeline(model: str, device):
-    from ..flux.pipeline import TINY_MODELS, load_pipeline
+def _load_editor(model: str, device):
+    from ..editors.loading import load_editor, registered_models
 
-    if model not in TINY_MODELS and not Path(str(model)).expanduser().exists():
+    named = registered_models()
+    if model not in named and not Path(str(model)).expanduser().exists():
         from huggingface_hub import try_to_load_from_cache
 
         from ..io.hub import hub_reachable
@@ -249,7 +250,7 @@ def _load_pipeline(model: str, device):
         try:
             cached = try_to_load_from_cache(str(model), "model_index.json")
         except ValueError:  # not a valid repo id either
-            raise ValueError(f"--model {model!r}: not a local path, a built-in model ({', '.join(TINY_MODELS)}) "
+            raise ValueError(f"--model {model!r}: not a local path, a built-in model ({', '.join(named)}) "
                              "or a hub id") from None
         if not isinstance(cached, str):
             reachable, why = hub_reachable()
@@ -257,30 +258,30 @@ def _load_pipeline(model: str, device):
                 raise WeightsUnavailableError(
                     f"--model {model!r} is not a local path, not in the local Hugging Face cache, and cannot be "
                     f"downloaded: {why}; download it elsewhere and pass its local path")
-    return load_pipeline(str(model), device=str(device))
+    return load_editor(str(model), device=str(device))
 
 
 def _generate(dataset: CompBenchDataset, records: list[CompBenchRecord], outputs_root: Path, output_dir: Path, *,
               pipeline, model, lora_file, steps, guidance_scale, resolution, max_sequence_length, seed,
               stale_outputs, device, model_defaults, log) -> dict:
-    """Plan the cache, load the pipeline only when needed, generate; returns the `generation` record."""
-    from ..flux.pipeline import TINY_MODELS, load_lora
+    """Plan the cache, load the editor only when needed, generate; returns the `generation` record."""
+    from ..editors.loading import editor_for_pipeline, registered_models
 
-    identity = model_identity(model, TINY_MODELS) if model else f"<{type(pipeline).__name__} object>"
+    identity = model_identity(model, tuple(registered_models())) if model else f"<{type(pipeline).__name__} object>"
     lora_sha = file_sha256(lora_file) if lora_file else None
-    defaults, pipe = model_defaults, pipeline
+    pipe = editor_for_pipeline(pipeline) if pipeline is not None else None
+    defaults = model_defaults if model_defaults is not None else (pipe.defaults if pipe is not None else None)
     if defaults is None and None in (steps, guidance_scale, resolution, max_sequence_length):
-        if pipe is not None:
-            raise ValueError("evaluate(pipeline=...) needs model_defaults= or steps, guidance_scale, resolution "
-                             "and max_sequence_length")
         log(f"loading {model} (for its default settings)")
-        pipe, defaults = _load_pipeline(model, device)
+        pipe = _load_editor(model, device)
+        defaults = pipe.defaults
     pick = lambda given, name: given if given is not None else getattr(defaults, name)  # noqa: E731
     side = pick(resolution, "resolution")
     settings = GenerationSettings(model=identity, lora_sha256=lora_sha, steps=int(pick(steps, "num_inference_steps")),
                                   guidance_scale=float(pick(guidance_scale, "guidance_scale")), seed=int(seed),
                                   height=int(side), width=int(side),
-                                  max_sequence_length=int(pick(max_sequence_length, "max_sequence_length")))
+                                  max_sequence_length=int(pick(max_sequence_length, "max_sequence_length")),
+                                  negative_prompt=defaults.negative_prompt if defaults is not None else None)
     plan = plan_generation(records, outputs_root, settings)
     if plan.stale and stale_outputs == "refuse":
         rec, why = plan.stale[0]
@@ -291,9 +292,9 @@ def _generate(dataset: CompBenchDataset, records: list[CompBenchRecord], outputs
     if plan.todo:
         if pipe is None:
             log(f"loading {model}")
-            pipe, _ = _load_pipeline(model, device)
+            pipe = _load_editor(model, device)
         if lora_file is not None:
-            load_lora(pipe, lora_file)
+            pipe.load_lora(lora_file)
         generate_edits(dataset, plan.todo, outputs_root, pipe, settings, plan.keys, log=log)
     if pipeline is None and pipe is not None:  # free the generator's memory before scoring
         del pipe

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..io.files import atomic_file, atomic_write_text
+from ..io.images import to_pil
 from .compbench import CompBenchDataset, CompBenchRecord
 
 KEY_VERSION = 1
@@ -85,11 +87,15 @@ class GenerationSettings:
     height: int
     width: int
     max_sequence_length: int
+    negative_prompt: str | None = None  # true CFG's (Qwen-Image-Edit); None for families without it
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "lora_sha256": self.lora_sha256, "steps": self.steps,
-                "guidance_scale": self.guidance_scale, "seed": self.seed, "height": self.height,
-                "width": self.width, "max_sequence_length": self.max_sequence_length}
+        values = {"model": self.model, "lora_sha256": self.lora_sha256, "steps": self.steps,
+                  "guidance_scale": self.guidance_scale, "seed": self.seed, "height": self.height,
+                  "width": self.width, "max_sequence_length": self.max_sequence_length}
+        if self.negative_prompt is not None:
+            values["negative_prompt"] = self.negative_prompt
+        return values
 
 
 def generation_key(settings: GenerationSettings, rec: CompBenchRecord) -> dict:
@@ -164,12 +170,12 @@ def _atomic_save_png(img, path: Path) -> None:
         img.save(tmp, format="PNG")
 
 
-def generate_edits(dataset: CompBenchDataset, records: Sequence[CompBenchRecord], outputs_root, pipe,
+def generate_edits(dataset: CompBenchDataset, records: Sequence[CompBenchRecord], outputs_root, editor,
                    settings: GenerationSettings, keys: dict[str, dict] | None = None,
                    log: Callable[[str], None] | None = print) -> int:
-    """Edit `records` with `pipe` (a FluxKontextPipeline) into `outputs_root`, each followed by its
-    sidecar key; returns how many were generated. The source is resized to `settings.height` ×
-    `settings.width` (bicubic) and the pipeline's own auto-resize is off."""
+    """Edit `records` with `editor` (an `rcgrpo.editors.Editor`: `editor.edit` from the example's seed) into
+    `outputs_root`, each followed by its sidecar key; returns how many were generated. The source is
+    resized to `settings.height` × `settings.width` (bicubic) and edited at exactly that size."""
     from PIL import Image
 
     outputs_root = Path(outputs_root)
@@ -180,13 +186,12 @@ def generate_edits(dataset: CompBenchDataset, records: Sequence[CompBenchRecord]
         path = output_path(outputs_root, rec)
         sidecar_path(path).unlink(missing_ok=True)
         image = dataset.load_source(rec).resize((settings.width, settings.height), Image.Resampling.BICUBIC)
-        kwargs: dict[str, Any] = dict(height=settings.height, width=settings.width,
-                                      max_area=settings.height * settings.width, _auto_resize=False,
-                                      max_sequence_length=settings.max_sequence_length)
-        generator = torch.Generator(device="cpu").manual_seed(key["example_seed"])
-        result = pipe(image=image, prompt=rec.instruction, num_inference_steps=settings.steps,
-                      guidance_scale=settings.guidance_scale, generator=generator, output_type="pil", **kwargs)
-        _atomic_save_png(result.images[0], path)
+        source = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+        edited = editor.edit(source[None].to(editor.device, editor.dtype), rec.instruction, num_steps=settings.steps,
+                             guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
+                             max_sequence_length=settings.max_sequence_length, seed=key["example_seed"],
+                             negative_prompt=settings.negative_prompt)
+        _atomic_save_png(to_pil(edited), path)
         atomic_write_text(sidecar_path(path), json.dumps(key, indent=1, ensure_ascii=False))
         if log is not None and (n == 1 or n == total or n % 10 == 0):
             log(f"generated {n}/{total} edit(s) ({time.time() - start:.1f} s)")

@@ -15,7 +15,7 @@ _PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the `rcgrpo` package f
 
 # Models shipped inside the package, by the short name every `--*-model` option accepts; `load_pretrained`
 # resolves these names before anything else (a local path or hub id of the same name is never consulted).
-# (The tiny editor loads through `rcgrpo.flux.pipeline.load_pipeline`; list it here when it should also be
+# (The tiny editor loads through `rcgrpo.editors.loading.load_editor`; list it here when it should also be
 # reachable by `load_pretrained`, e.g. `"tiny-editor": _PACKAGE_ROOT / "minibench" / "weights" / "tiny-editor"`.)
 SHIPPED_MODELS: dict[str, Path] = {
     "tiny-clip": _PACKAGE_ROOT / "minibench" / "weights" / "tiny-clip",  # rcgrpo.minibench.clip (MiniBench CLIP)

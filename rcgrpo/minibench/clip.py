@@ -158,7 +158,7 @@ def clip_tokenizer(max_length: int = 32):
     """
     from transformers import CLIPTokenizer
 
-    from ..flux.tokenizers import byte_level_vocab
+    from .tokenizers import byte_level_vocab
 
     vocab = byte_level_vocab()
     merges = _learn_merges(VOCABULARY)

@@ -27,6 +27,8 @@ from .tasks import VOCABULARY
 
 EDITOR_RESOLUTION = 64
 EDITOR_TEXT_LEN = 32  # max_sequence_length the editor is used with (it is trained on 16..64)
+EDITOR_STEPS = 8  # Euler steps the editor is evaluated with
+TINY_EDITOR_PATH = Path(__file__).resolve().parent / "weights" / "tiny-editor"  # the shipped weights
 
 
 @dataclass
@@ -87,7 +89,7 @@ def editor_t5_tokenizer():
 def editor_clip_tokenizer():
     """Character-level CLIP tokenizer (byte-level pieces, no merges, 77 positions), the same as
     `rcgrpo.testing.tiny_clip_tokenizer`."""
-    from ..flux.tokenizers import char_clip_tokenizer
+    from .tokenizers import char_clip_tokenizer
 
     return char_clip_tokenizer(77)
 
@@ -215,3 +217,19 @@ def load_editor(path, device: str | torch.device = "cpu", dtype: torch.dtype = t
         module.requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def tiny_editor_defaults():
+    """The `ModelDefaults` of the shipped tiny editor (64 px, 8 steps, 32 T5 tokens, guidance 2.5)."""
+    from ..editors.base import ModelDefaults
+
+    return ModelDefaults(resolution=EDITOR_RESOLUTION, num_inference_steps=EDITOR_STEPS,
+                         max_sequence_length=EDITOR_TEXT_LEN, guidance_scale=2.5)
+
+
+def shipped_tiny_editor(device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """The shipped tiny editor as an `Editor` (`--model tiny-editor`); `seed` is unused (trained weights)."""
+    from ..editors.loading import editor_for_pipeline
+
+    return editor_for_pipeline(load_editor(TINY_EDITOR_PATH, device=device, dtype=dtype), tiny_editor_defaults())
+

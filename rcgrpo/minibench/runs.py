@@ -97,12 +97,12 @@ def execute(spec: RunSpec, root: Path, *, log: Callable[[str], None] = print) ->
     """Train (resuming from a checkpoint when one exists) and evaluate `spec`; returns and writes its result."""
     import torch
 
-    from ..flux.pipeline import load_pipeline
+    from ..editors.loading import load_editor
     from ..rewards.registry import reward_funcs_from_config
     from ..train.data import build_datasets
     from ..train.checkpoints import list_checkpoints
     from ..train.trainer import RCGRPOTrainer
-    from .ablate import RandomReward, evaluate_edits
+    from .scoring import RandomReward, evaluate_edits
 
     spec.validate()
     done = read_result(root, spec)
@@ -113,10 +113,10 @@ def execute(spec: RunSpec, root: Path, *, log: Callable[[str], None] = print) ->
     started = time.time()
     data_dir = eval_data_dir(root, spec)
     config = spec.train_config(run_dir)
-    pipe, defaults = load_pipeline(config.model, device="cpu")
+    editor = load_editor(config.model, device="cpu")
     result: dict = {"spec": spec.to_dict(), "threads": torch.get_num_threads()}
     if spec.max_steps == 0:
-        result["eval"] = evaluate_edits(pipe, defaults, spec, data_dir, run_dir / "eval")
+        result["eval"] = evaluate_edits(editor, spec, data_dir, run_dir / "eval")
     else:
         from ..minibench.tasks import MiniBenchDataset
 
@@ -125,16 +125,16 @@ def execute(spec: RunSpec, root: Path, *, log: Callable[[str], None] = print) ->
         train_set, _ = build_datasets(config)
         rewards = [("random_reward", RandomReward(spec.seed))] if spec.reward == "random" \
             else reward_funcs_from_config(config)
-        trainer = RCGRPOTrainer(pipe, config, rewards, train_set, eval_dataset=curve_set)
+        trainer = RCGRPOTrainer(editor, config, rewards, train_set, eval_dataset=curve_set)
         if run_dir.is_dir() and list_checkpoints(run_dir):
             trainer.resume(run_dir)
             log(f"{spec.name}: resuming at step {trainer.step}")
         trainer.train()
         result["train"] = train_summary(run_dir)
-        result["eval"] = evaluate_edits(trainer.pipe, defaults, spec, data_dir, run_dir / "eval")
+        result["eval"] = evaluate_edits(editor, spec, data_dir, run_dir / "eval")
         if config.ema_decay > 0:
             with trainer.evaluation_weights(ema=True):
-                result["eval_ema"] = evaluate_edits(trainer.pipe, defaults, spec, data_dir, run_dir / "eval-ema")
+                result["eval_ema"] = evaluate_edits(editor, spec, data_dir, run_dir / "eval-ema")
     result["wall_s"] = time.time() - started
     atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2, allow_nan=False))
     return result

@@ -73,6 +73,17 @@ class WeightedReward:
 REWARD_NAMES = ("background_psnr", "background_ssim", "clip_lct", "clip_lci", "editscore")
 
 
+_REGISTERED: dict[str, RewardFn] = {}
+
+
+def register_reward(name: str, fn: RewardFn) -> None:
+    """Make `name` (a config's `reward_funcs` entry, `--reward-funcs`) resolve to `fn`; benchmarks and
+    plugins register their rewards this way (MiniBench registers "minibench" when imported)."""
+    if not name or ":" in name or not callable(fn):
+        raise ValueError(f"register_reward: expected a plain name and a callable, got {name!r}, {fn!r}")
+    _REGISTERED[name] = fn
+
+
 def resolve_reward(name_or_callable, **kwargs) -> RewardFn:
     """A reward callable from a name, a `"module:function"` path, or a callable (returned as is).
 
@@ -108,6 +119,8 @@ def resolve_reward(name_or_callable, **kwargs) -> RewardFn:
         return ClipLocalTextReward(**kwargs)
     if name == "clip_lci":
         return ClipLocalImageReward(**kwargs)
+    if name in _REGISTERED and not kwargs:
+        return _REGISTERED[name]
     if name == "editscore":
         if "url" not in kwargs:
             raise ValueError("resolve_reward: 'editscore' needs url=http://host:port of a running reward server")
@@ -129,18 +142,19 @@ def resolve_reward(name_or_callable, **kwargs) -> RewardFn:
 
 def reward_funcs_from_config(config) -> list:
     """[(name, callable)] for `config.reward_funcs` (an `RCGRPOConfig`): the names of `resolve_reward`,
-    "redness" (the built-in toy task), "minibench" (MiniBench's programmatic task reward) or
-    'module:function'; options come from the config's fields."""
+    "redness" (the built-in toy task), a registered name (`register_reward`: "minibench" once
+    `rcgrpo.minibench` is imported) or 'module:function'; options come from the config's fields."""
     funcs = []
     for name in map(str, config.reward_funcs):
         if name == "redness":
             from ..data.synthetic import redness_reward
 
             funcs.append((name, redness_reward))
+        elif name in _REGISTERED:
+            funcs.append((name, _REGISTERED[name]))
         elif name == "minibench":
-            from ..minibench.reward import minibench_reward
-
-            funcs.append((name, minibench_reward))
+            raise ValueError("reward 'minibench' registers itself when rcgrpo.minibench is imported (the rcgrpo "
+                             "command does it)")
         elif name == "editscore":
             if not config.editscore_url:
                 raise ValueError("reward 'editscore' needs --editscore-url http://host:port of a running reward server")
@@ -153,4 +167,4 @@ def reward_funcs_from_config(config) -> list:
     return funcs
 
 
-__all__ = ["REWARD_NAMES", "WeightedReward", "resolve_reward", "reward_funcs_from_config"]
+__all__ = ["REWARD_NAMES", "WeightedReward", "register_reward", "resolve_reward", "reward_funcs_from_config"]

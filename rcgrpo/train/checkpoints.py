@@ -1,11 +1,15 @@
 """Checkpoint and LoRA files of a training run: complete or absent, never partial.
 
-    <run>/checkpoint-<step>/pytorch_lora_weights.safetensors   LoRA (diffusers format)
+    <run>/checkpoint-<step>/pytorch_lora_weights.safetensors   the adapter's own LoRA tensors (diffusers keys)
                            /optimizer.pt, scheduler.pt, rng.pt   torch.save'd state dicts (loaded weights_only)
                            /trainer_state.json                   step, counters, the config
                            /ema.safetensors                      the LoRA's EMA (with ema_decay > 0)
-    <run>/lora/pytorch_lora_weights.safetensors                 the final LoRA
+    <run>/lora/pytorch_lora_weights.safetensors                 the final LoRA, written by the editor family
     <run>/lora_ema/pytorch_lora_weights.safetensors             its EMA (with ema_decay > 0)
+
+`lora/` and `lora_ema/` are what a stock pipeline's `load_lora_weights` loads (the editor folds the LoRA
+scale alpha/rank into the weights); a checkpoint keeps the adapter's own tensors, so a resume restores
+them bit for bit (with lora_alpha = lora_rank, the default, both files hold the same numbers).
 
 Every directory is written through `rcgrpo.io.files.atomic_directory`: a crash, kill or full disk leaves
 the previous checkpoints intact. A full disk surfaces as `CheckpointWriteError` (an OSError) naming the
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..flux.pipeline import LORA_WEIGHT_NAME
+from ..editors.lora import LORA_WEIGHT_NAME
 from ..io.files import atomic_directory, recover_interrupted_replace
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -81,10 +85,12 @@ def read_trainer_state(checkpoint) -> dict:
 
 
 def _write_lora_file(directory: Path, lora_state: dict) -> None:
-    from diffusers import FluxKontextPipeline
+    """The adapter's tensors under diffusers' keys (`transformer.<module>.lora_A.weight`), as written by
+    diffusers' `save_lora_weights`, for any editor family."""
+    from safetensors.torch import save_file
 
-    FluxKontextPipeline.save_lora_weights(str(directory), transformer_lora_layers=lora_state,
-                                          weight_name=LORA_WEIGHT_NAME)
+    tensors = {f"transformer.{k}": v.detach().contiguous() for k, v in lora_state.items()}
+    save_file(tensors, str(directory / LORA_WEIGHT_NAME), metadata={"format": "pt"})
 
 
 # What the writers say when a write fails (full disk, quota) without raising OSError: torch.save's C++
@@ -105,12 +111,13 @@ def _write_failed(what: Path, exc: BaseException) -> CheckpointWriteError:
                                                    "earlier checkpoints are intact")
 
 
-def write_lora(directory, lora_state: dict) -> Path:
-    """Write `directory/pytorch_lora_weights.safetensors` (diffusers format) atomically."""
+def write_lora(directory, lora_state: dict, save=None) -> Path:
+    """Write `directory/pytorch_lora_weights.safetensors` (diffusers format) atomically: with
+    `save(lora_state, tmp_dir)` (an editor's `save_lora`), else the adapter's tensors as they are."""
     directory = Path(directory)
     try:
         with atomic_directory(directory) as tmp:
-            _write_lora_file(tmp, lora_state)
+            (save or (lambda state, where: _write_lora_file(Path(where), state)))(lora_state, tmp)
     except Exception as exc:  # noqa: BLE001 - writers signal a full disk with several exception types
         if not _is_write_failure(exc):
             raise
@@ -143,15 +150,12 @@ def write_checkpoint(run_dir, step: int, *, lora_state: dict, optimizer_state: d
 
 def read_lora(path) -> dict:
     """LoRA tensors of a directory (or file) in the diffusers format, keys without the "transformer." prefix."""
-    from diffusers import FluxKontextPipeline
+    from safetensors.torch import load_file
 
     path = Path(path)
-    directory, name = (path, LORA_WEIGHT_NAME) if path.is_dir() else (path.parent, path.name)
-    lora = FluxKontextPipeline.lora_state_dict(str(directory), weight_name=name)
-    if isinstance(lora, tuple):
-        lora = lora[0]
+    file = path / LORA_WEIGHT_NAME if path.is_dir() else path
     prefix = "transformer."
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in lora.items()}
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in load_file(str(file)).items()}
 
 
 def read_checkpoint(path) -> Checkpoint:

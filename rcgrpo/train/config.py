@@ -54,7 +54,10 @@ class RCGRPOConfig:
     group_size: int = _doc("G: candidates per group, index 0 the unperturbed reference", default=12)
     groups_per_step: int = _doc("groups (examples) per process per rollout batch", default=1)
     num_inference_steps: int = _doc("T: Euler ODE steps of each rollout", default=28)
-    guidance_scale: float = _doc("Kontext guidance scale", default=2.5)
+    guidance_scale: float = _doc("the family's guidance: Kontext's embedded guidance scale, Qwen-Image-Edit's "
+                                 "true-CFG scale (CFG runs when > 1 with a negative prompt)", default=2.5)
+    negative_prompt: Optional[str] = _doc("true CFG's negative prompt (Qwen-Image-Edit); unset: the model's default "
+                                          "(' ' for Qwen-Image-Edit, none for FLUX.1-Kontext)", default=None)
     perturbation: Literal["rdp", "global"] = _doc("'rdp' (region-decoupled) or 'global' (Neighbor GRPO's global "
                                                   "perturbation, the ablation baseline)", default="rdp")
     alpha_edit: float = _doc("RDP perturbation scale α_edit inside the edit mask", default=0.3)

@@ -34,16 +34,16 @@ def resize_example(image: torch.Tensor, mask: torch.Tensor, size):
     return image, mask
 
 
-def example_at_resolution(item, index: int, size: int, *, multiple: int | None = None, keep_aspect: bool = False):
+def example_at_resolution(item, index: int, size: int, *, edit_size=None, keep_aspect: bool = False):
     """`as_edit_example` resized for an edit at about `size`² pixels: `size`×`size`, or with
-    `keep_aspect` the image's aspect ratio kept (`rcgrpo.flux.resolution.edit_size`, sides multiples of
-    `multiple`)."""
+    `keep_aspect` the size `edit_size(height, width, size)` gives (an editor's `edit_size`: its family's
+    buckets, the aspect ratio kept)."""
     image, mask, instruction, example_id, metadata = as_edit_example(item, index)
     height, width = image.shape[1:]
     if keep_aspect:
-        from ..flux.resolution import edit_size
-
-        target = edit_size(height, width, target=size, multiple=multiple or 16)
+        if edit_size is None:
+            raise ValueError("example_at_resolution: keep_aspect needs the editor's edit_size")
+        target = tuple(edit_size(height, width, size))
     else:
         target = (size, size)
     if (height, width) != target:
@@ -64,6 +64,17 @@ class Subset:
         return self.data[self.indices[i]]
 
 
+_DATASETS: dict = {}
+
+
+def register_dataset(name: str, build) -> None:
+    """Make `config.dataset == name` build `build(config) -> (train, held_out)`; MiniBench registers
+    "minibench" when imported."""
+    if not name or "/" in name or not callable(build):
+        raise ValueError(f"register_dataset: expected a plain name and a callable, got {name!r}")
+    _DATASETS[name] = build
+
+
 def build_datasets(config):
     """(train, held-out) datasets of `config.dataset`: the built-in "squares" task, MiniBench ("minibench":
     `train_size` examples of its train split drawn with `seed`, the first `eval_size` of its fixed
@@ -75,13 +86,11 @@ def build_datasets(config):
         train = SquareDataset(config.train_size, size=config.resolution, seed=config.seed)
         held_out = SquareDataset(config.eval_size, size=config.resolution, seed=10_000 + config.seed)
         return train, held_out
+    if config.dataset in _DATASETS:
+        return _DATASETS[config.dataset](config)
     if config.dataset == "minibench":
-        from ..minibench.tasks import MiniBenchDataset
-
-        train = MiniBenchDataset(config.train_size, split="train", seed=config.seed, size=config.resolution)
-        held_out = MiniBenchDataset(config.eval_size, split=config.eval_split, seed=0, size=config.resolution) \
-            if config.eval_size else []
-        return train, held_out
+        raise ValueError("dataset 'minibench' registers itself when rcgrpo.minibench is imported (the rcgrpo "
+                         "command does it)")
     from ..eval.compbench import CompBenchDataset
 
     data = CompBenchDataset(config.dataset, resolution=config.resolution, require_ground_truth=False)
@@ -89,4 +98,4 @@ def build_datasets(config):
     return Subset(data, range(n_eval, len(data))), Subset(data, range(n_eval))
 
 
-__all__ = ["Subset", "as_edit_example", "build_datasets", "example_at_resolution", "resize_example"]
+__all__ = ["Subset", "as_edit_example", "build_datasets", "example_at_resolution", "register_dataset", "resize_example"]

@@ -3,7 +3,7 @@
 Every figure carries a title and labels: `reward_curve.png` (task reward per step with a moving mean;
 ACD and background drift), `before_after.png` (one row per held-out example, columns source / base /
 base + LoRA with the rewards under each edit, the edit mask outlined on the source) and `acd_<id>.png`
-(`rcgrpo.flux.heatmap.save_acd_figure`: source, attention density with a colour bar, overlay). Small
+(`rcgrpo.editors.heatmap.save_acd_figure`: source, attention density with a colour bar, overlay). Small
 images are drawn enlarged with nearest-neighbour so their pixels can be read.
 """
 from __future__ import annotations
@@ -15,8 +15,6 @@ import torch
 
 from ..io.files import atomic_file, atomic_write_text
 from ..io.figures import save_labelled_grid
-from ..method.masks import token_mask_for_image
-from .data import example_at_resolution
 
 
 def read_metrics(path) -> list[dict]:
@@ -90,9 +88,8 @@ def write_training_report(trainer, *, before: float | None, after: float | None,
     plot_reward_curve(metrics, out / "reward_curve.png")
     dataset = trainer.eval_dataset if trainer.eval_dataset is not None and len(trainer.eval_dataset) else trainer.train_dataset
     tiles, masks, rows = [], [], []
-    size = trainer.config.resolution
     for index in range(min(max_examples, len(dataset))):
-        image, mask, instruction, example_id, _ = example_at_resolution(dataset[index], index, size)
+        image, mask, instruction, example_id, _ = trainer.edit_input(dataset[index], index)
         trainer.transformer.disable_adapters()
         try:
             base_img, base_reward = trainer.edit_example(dataset[index], index)
@@ -146,13 +143,13 @@ def save_before_after(tiles: list[list[torch.Tensor]], masks: list[torch.Tensor]
 
 def save_example_heatmap(trainer, item, index: int, path) -> None:
     """ACD figure (mean over layers and steps) of the deterministic edit `trainer.edit_example` makes:
-    source, attention density with a colour bar, overlay (`rcgrpo.flux.heatmap.save_acd_figure`)."""
-    from ..flux.heatmap import save_acd_figure
+    source, attention density with a colour bar, overlay (`rcgrpo.editors.heatmap.save_acd_figure`)."""
+    from ..editors.heatmap import save_acd_figure
 
-    size = trainer.config.resolution
-    image, mask, instruction, example_id, _ = example_at_resolution(item, index, size)
-    token_mask = token_mask_for_image(mask, size, size, trainer.pipe.vae_scale_factor)
-    weights = trainer.acd_text_weights(instruction)
+    image, mask, instruction, example_id, _ = trainer.edit_input(item, index)
+    height, width = image.shape[1:]
+    token_mask = trainer.editor.token_mask(mask, height, width)
+    weights = trainer.acd_text_weights(instruction, image[None].to(trainer.device, trainer.transformer.dtype))
     with trainer.recorder.capture(token_mask.to(trainer.device), text_weights=weights) as cap:
         trainer.edit_example(item, index)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""`RCGRPOTrainer`: the RC-GRPO loop (SPEC §3-7) on a stock FluxKontextPipeline with a peft LoRA.
+"""`RCGRPOTrainer`: the RC-GRPO loop (SPEC §3-7) on any editor family (`rcgrpo.editors`) with a peft LoRA.
 
 One step: for each group (one example) build G RDP noises, roll them out under θ_old without grad
 while the ACD processor records the instruction's attention mass, decode, score with the reward
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from ..flux.rollout import background_drift, decode_latents, latent_shape, rollout
-from ..flux.text import acd_text_weights, encode_prompt
+from ..editors.latents import background_drift
+from ..editors.loading import editor_for_pipeline
 from ..method.advantages import combine_rewards, step_advantages
-from ..method.masks import element_mask, token_mask_for_image
+from ..method.masks import element_mask
 from ..method.rdp import region_decoupled_noise
 from .checkpoints import (clean_run_directory, list_checkpoints, prune_checkpoints, read_checkpoint, set_rng_state,
                           write_checkpoint, write_lora)
@@ -72,7 +72,8 @@ class RCGRPOTrainer:
     """Train a LoRA on `pipeline.transformer` with RC-GRPO.
 
     Args:
-        pipeline: a diffusers FluxKontextPipeline (its transformer gets a LoRA adapter).
+        pipeline: an `rcgrpo.editors.Editor`, or a diffusers pipeline of a supported family (wrapped with
+            `editor_for_pipeline`); its transformer gets a LoRA adapter.
         config: `RCGRPOConfig`.
         reward_funcs: callables `(edited, sources, masks, instructions, metadata) -> Tensor[B]`, or
             `(name, callable)` pairs; weights come from `config.reward_weights` (default 1).
@@ -84,8 +85,11 @@ class RCGRPOTrainer:
                  accelerator=None):
         config.validate()
         self.config = config
-        self.pipe = pipeline
-        self.transformer = pipeline.transformer
+        self.editor = editor_for_pipeline(pipeline)
+        self.pipe = self.editor.pipe
+        self.transformer = self.editor.transformer
+        self.negative_prompt = config.negative_prompt if config.negative_prompt is not None \
+            else self.editor.defaults.negative_prompt
         self.output_dir = Path(config.output_dir)
         if accelerator is None:
             accelerator = _make_accelerator(config, self.output_dir)
@@ -105,7 +109,7 @@ class RCGRPOTrainer:
         self.total_skipped = [0, 0]  # (groups, examples) over all ranks and the whole run (logged, checkpointed)
         self.reward_ema = MovingAverage()
         self._step_skips = [0, 0]  # this rank's skipped (groups, examples) in the current step
-        self._text_cache: dict[str, tuple] = {}
+        self._text_cache: dict = {}
         self.stop = StopRequest()
         self.phases = Phases()
         self.run_log = RunLog(self.output_dir, accelerator, _config_for_saving(config))
@@ -129,10 +133,10 @@ class RCGRPOTrainer:
             config.lr_scheduler, self.optimizer, num_warmup_steps=config.warmup_steps,
             num_training_steps=config.max_steps * config.inner_epochs,
         )
-        self.update = SurrogateUpdate(self.transformer, config, self.phases, self.device, self._autocast)
+        self.update = SurrogateUpdate(self.editor, config, self.phases, self.device, self._autocast)
         self.recorder = None
         if config.w_acd > 0:
-            from ..flux.attention import attach_acd
+            from ..editors.acd import attach_acd
 
             self.recorder = attach_acd(self.transformer, last_k=config.acd_layers, backend=config.acd_backend,
                                        mode=config.acd_mode, phases=self.phases)
@@ -195,31 +199,30 @@ class RCGRPOTrainer:
             value = (value * 1_000_003 + int(p)) % (2**62)
         return value
 
-    def set_text_embeddings(self, instruction: str, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
-                            token_mask: torch.Tensor | None = None) -> None:
-        """Use these embeddings (`[1, N_txt, C]`, `[1, C_pool]`) for `instruction` instead of the text
-        encoders (pre-computed embeddings; a pipeline without text encoders). `token_mask` `[N_txt]`
-        marks the instruction's real tokens for ACD (needed with acd_text_tokens='prompt')."""
-        self._text_cache[instruction] = (prompt_embeds, pooled_prompt_embeds, token_mask)
+    def set_text_conditions(self, instruction: str, conditions) -> None:
+        """Use `conditions` (the editor family's text conditions, e.g. `FluxKontextEditor.text_conditions(
+        embeds, pooled, acd_weights)`) for `instruction` instead of the text encoders (pre-computed
+        embeddings; a pipeline without text encoders). Their `acd_weights` mark the instruction's tokens."""
+        self._text_cache[("given", instruction)] = conditions
 
-    def _text_conditioning(self, instruction: str):
-        """(prompt_embeds or None, pooled or None, ACD text weights `[N_txt]` or None)."""
+    def _text_conditioning(self, instruction: str, source: torch.Tensor):
+        """The editor's text conditions of `instruction` (with the source image where the family's text
+        encoder sees it), cached when `cache_text_embeddings`."""
         cfg = self.config
-        if instruction in self._text_cache:
-            embeds, pooled, weights = self._text_cache[instruction]
-            if weights is None and cfg.acd_text_tokens == "prompt" and self.recorder is not None:
-                weights = acd_text_weights(self.pipe, instruction, cfg.max_sequence_length, "prompt")
-            return embeds, pooled, weights if cfg.acd_text_tokens == "prompt" else None
-        weights = None
-        if self.recorder is not None:
-            weights = acd_text_weights(self.pipe, instruction, cfg.max_sequence_length, cfg.acd_text_tokens)
-        if not cfg.cache_text_embeddings:
-            return None, None, weights
-        embeds, pooled = encode_prompt(self.pipe, instruction, cfg.max_sequence_length, self.device)
-        if len(self._text_cache) > 1024:
-            self._text_cache.pop(next(iter(self._text_cache)))
-        self._text_cache[instruction] = (embeds, pooled, weights)
-        return embeds, pooled, weights
+        if ("given", instruction) in self._text_cache:
+            return self._text_cache[("given", instruction)]
+        negative = self.negative_prompt if cfg.guidance_scale > 1 else None
+        key = self.editor.text_cache_key(instruction, source, length=cfg.max_sequence_length,
+                                         acd=cfg.acd_text_tokens, negative=negative)
+        if key in self._text_cache:
+            return self._text_cache[key]
+        text = self.editor.encode_text(instruction, source, max_sequence_length=cfg.max_sequence_length,
+                                       acd_text_tokens=cfg.acd_text_tokens, negative_prompt=negative)
+        if cfg.cache_text_embeddings:
+            if len(self._text_cache) > 1024:
+                self._text_cache.pop(next(iter(self._text_cache)))
+            self._text_cache[key] = text
+        return text
 
     # ------------------------------------------------------------------ rollouts and rewards
     @torch.no_grad()
@@ -228,9 +231,8 @@ class RCGRPOTrainer:
         image, pixel_mask, instruction, example_id, metadata = self.edit_input(self.train_dataset[index], index)
         height, width = image.shape[1:]
         try:
-            token_mask = token_mask_for_image(pixel_mask, height, width, self.pipe.vae_scale_factor,
-                                              pooling=cfg.mask_pooling, threshold=cfg.mask_threshold,
-                                              name=f"example {example_id!r}")
+            token_mask = self.editor.token_mask(pixel_mask, height, width, pooling=cfg.mask_pooling,
+                                                threshold=cfg.mask_threshold, name=f"example {example_id!r}")
         except ValueError as exc:
             if cfg.skip_bad_examples:
                 warnings.warn(f"skipping {exc}")
@@ -238,28 +240,27 @@ class RCGRPOTrainer:
                 self.skipped_examples += 1
                 return None
             raise
-        n_img, channels = latent_shape(self.pipe, height, width)
+        n_img, channels = self.editor.latent_shape(height, width)
         alpha_edit, alpha_base = cfg.perturbation_scales()
         dtype = self.transformer.dtype
         noises = region_decoupled_noise(
             (n_img, channels), token_mask[:, None], group_size=cfg.group_size, alpha_edit=alpha_edit,
             alpha_base=alpha_base, generator=torch.Generator().manual_seed(self._seed(step, slot, 1)),
         ).to(device=self.device, dtype=dtype)
-        embeds, pooled, text_weights = self._text_conditioning(instruction)
         source = image[None].to(device=self.device, dtype=dtype)
+        text = self._text_conditioning(instruction, source)
         kwargs = dict(num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, height=height,
-                      width=width, max_sequence_length=cfg.max_sequence_length, prompt_embeds=embeds,
-                      pooled_prompt_embeds=pooled, decode=False)
+                      width=width, max_sequence_length=cfg.max_sequence_length, text=text, decode=False)
         acd = None
         with self.phases("rollout"):
             if self.recorder is not None:
-                with self.recorder.capture(token_mask.to(self.device), text_weights=text_weights) as cap:
-                    result = rollout(self.pipe, source, instruction, noises, **kwargs)
+                with self.recorder.capture(token_mask.to(self.device), text_weights=text.acd_weights) as cap:
+                    result = self.editor.rollout(source, instruction, noises, **kwargs)
                 acd = cap.reward().float().cpu()
             else:
-                result = rollout(self.pipe, source, instruction, noises, **kwargs)
+                result = self.editor.rollout(source, instruction, noises, **kwargs)
         with self.phases("decode"):
-            images = decode_latents(self.pipe, result.states[:, -1], height, width).float().clamp(0, 1)
+            images = self.editor.decode(result.states[:, -1], height, width).float().clamp(0, 1)
         group = cfg.group_size
         sources = image[None].expand(group, -1, -1, -1).to(images.device)
         masks = pixel_mask[None, None].expand(group, -1, -1, -1).to(images.device)
@@ -481,14 +482,14 @@ class RCGRPOTrainer:
         cfg = self.config
         image, pixel_mask, instruction, _, metadata = self.edit_input(item, index)
         height, width = image.shape[1:]
-        n_img, channels = latent_shape(self.pipe, height, width)
+        n_img, channels = self.editor.latent_shape(height, width)
         noise = torch.randn((1, n_img, channels), generator=torch.Generator().manual_seed(seed + index))
         dtype = self.transformer.dtype
-        embeds, pooled, _ = self._text_conditioning(instruction)
-        result = rollout(self.pipe, image[None].to(self.device, dtype), instruction, noise.to(self.device, dtype),
-                         num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, height=height,
-                         width=width, max_sequence_length=cfg.max_sequence_length, prompt_embeds=embeds,
-                         pooled_prompt_embeds=pooled)
+        source = image[None].to(self.device, dtype)
+        result = self.editor.rollout(source, instruction, noise.to(self.device, dtype),
+                                     num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                                     height=height, width=width, max_sequence_length=cfg.max_sequence_length,
+                                     text=self._text_conditioning(instruction, source))
         edited = result.images.float().clamp(0, 1)
         source = image[None].to(edited.device)
         mask = pixel_mask[None, None].to(edited.device)
@@ -500,12 +501,13 @@ class RCGRPOTrainer:
     def edit_input(self, item, index: int):
         """(image, mask, instruction, id, metadata) of a dataset item at the size the trainer edits it:
         about resolution² pixels, the aspect kept unless `keep_aspect` is off."""
-        return example_at_resolution(item, index, self.config.resolution, multiple=2 * self.pipe.vae_scale_factor,
+        return example_at_resolution(item, index, self.config.resolution, edit_size=self.editor.edit_size,
                                      keep_aspect=self.config.keep_aspect)
 
-    def acd_text_weights(self, instruction: str) -> torch.Tensor | None:
-        """The ACD text weights the trainer uses for `instruction` (config `acd_text_tokens`)."""
-        return self._text_conditioning(instruction)[2]
+    def acd_text_weights(self, instruction: str, source: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The ACD text weights the trainer uses for `instruction` (config `acd_text_tokens`); `source`
+        `[1, 3, H, W]` is needed for families whose text encoder sees the image."""
+        return self._text_conditioning(instruction, source).acd_weights
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
@@ -597,7 +599,7 @@ class RCGRPOTrainer:
         LoRA, or its EMA with `ema=True`."""
         with self.evaluation_weights(ema):
             state = {k: v.clone() for k, v in self.lora_state_dict().items()}  # views of the swapped-in weights
-        return write_lora(directory, state)
+        return write_lora(directory, state, save=self.editor.save_lora)
 
     def save_checkpoint(self) -> Path | None:
         """Write `output_dir/checkpoint-<step>/` completely or not at all (rank 0); keep the last N."""

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import torch
 
-from ..flux.rollout import predict_velocity
 from ..method.policy import LOG_RATIO_CLAMP, grpo_loss, surrogate_log_probs
 from .metrics import masked_square_sums
 
 
 class SurrogateUpdate:
-    def __init__(self, transformer, config, phases, device, autocast):
-        self.transformer = transformer
+    def __init__(self, editor, config, phases, device, autocast):
+        self.editor = editor  # `editor.velocity(conditioning, x, t)`: the family's v_θ with its guidance
+        self.transformer = editor.transformer
         self.config = config
         self.phases = phases
         self.device = device
@@ -57,7 +57,7 @@ class SurrogateUpdate:
 
     def _anchor_prediction(self, group, x_j, t_j, dt, n_anchor: int) -> torch.Tensor:
         """x̄^(k)_{j+1}(θ) as `[c, B, D]` fp32."""
-        v = predict_velocity(self.transformer, group.conditioning, x_j, t_j)
+        v = self.editor.velocity(group.conditioning, x_j, t_j)
         pred = x_j.float() + dt * v.float()
         return pred.reshape(n_anchor, -1, group.mask.shape[0]).transpose(0, 1).contiguous()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -26,7 +25,6 @@ from .text import MAX_SEQUENCE_LENGTH, QwenTextConditions, encode_text
 QWEN_IMAGE_EDIT_DEFAULTS = ModelDefaults(resolution=1024, num_inference_steps=50,
                                          max_sequence_length=MAX_SEQUENCE_LENGTH, guidance_scale=4.0,
                                          negative_prompt=" ")
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 CALCULATE_DIMENSIONS_MULTIPLE = 32  # the pipelines round sizes to 32 px (`calculate_dimensions`)
 
 
@@ -59,6 +57,10 @@ class QwenImageEditor(Editor):
         if not isinstance(cfg_batch, bool):
             raise ValueError(f"cfg_batch must be True or False, got {cfg_batch!r}")
         self.cfg_batch = cfg_batch
+
+    @classmethod
+    def family_defaults(cls) -> ModelDefaults:
+        return QWEN_IMAGE_EDIT_DEFAULTS
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -166,52 +168,6 @@ class QwenImageEditor(Editor):
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return decode_latents(self.pipe, latents, height, width)
 
-    # ------------------------------------------------------------------ LoRA
-    def save_lora(self, state_dict: dict[str, torch.Tensor], directory) -> Path:
-        """Write the transformer's LoRA (a peft state dict: `<module>.lora_A.weight` / `.lora_B.weight`) with
-        the pipeline class's `save_lora_weights`: `directory/pytorch_lora_weights.safetensors`.
-
-        The file carries no LoRA alpha, and diffusers' loader then uses alpha = rank (scale 1): the scale
-        alpha/rank of the transformer's adapter on each module is folded into `lora_B`, so that the stock
-        `load_lora_weights` reproduces the trained model whatever alpha it was trained with."""
-        if not state_dict or not all(".lora_A." in k or ".lora_B." in k for k in state_dict):
-            bad = next((k for k in state_dict if ".lora_A." not in k and ".lora_B." not in k), None)
-            raise ValueError(f"save_lora: expected a peft LoRA state dict (keys ending in lora_A/lora_B.weight), "
-                             f"got {'no keys' if not state_dict else repr(bad)}")
-        folded = {}
-        for key, value in state_dict.items():
-            if ".lora_B." in key:
-                scale = self._lora_scaling(key.split(".lora_B.")[0])
-                value = value * scale if scale != 1.0 else value
-            folded[key] = value
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        type(self.pipe).save_lora_weights(str(directory), transformer_lora_layers=folded,
-                                          weight_name=LORA_WEIGHT_NAME)
-        return directory / LORA_WEIGHT_NAME
-
-    def _lora_scaling(self, module_path: str) -> float:
-        """peft's scale (alpha / rank) of the LoRA on `module_path` of the transformer; 1 without one."""
-        for path in (module_path, module_path.removeprefix("transformer.")):
-            try:
-                module = self.transformer.get_submodule(path)
-            except AttributeError:
-                continue
-            scaling = getattr(module, "scaling", None)
-            if not isinstance(scaling, dict) or not scaling:
-                return 1.0
-            if len(scaling) > 1:
-                raise ValueError(f"save_lora: module {path!r} holds several LoRA adapters {sorted(scaling)}; save "
-                                 "one adapter at a time")
-            return float(next(iter(scaling.values())))
-        return 1.0
-
-    def load_lora(self, path, *, option: str = "--lora") -> None:
-        """Load diffusers-format LoRA weights, checked against the model first (rcgrpo's checked loader)."""
-        from ...flux.pipeline import load_lora
-
-        load_lora(self.pipe, path, option=option)
-
     # ------------------------------------------------------------------ ACD
     def attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
         return attention_modules(self.transformer)
@@ -229,4 +185,4 @@ def _check_area(name: str, area) -> int:
     return area
 
 
-__all__ = ["LORA_WEIGHT_NAME", "QWEN_IMAGE_EDIT_DEFAULTS", "QwenImageEditor"]
+__all__ = ["QWEN_IMAGE_EDIT_DEFAULTS", "QwenImageEditor"]

@@ -1,8 +1,8 @@
 """FLUX's drop-in attention processor that records Attention Concentration Density (SPEC §7, §9).
 
 The recorder itself (`attach_acd`, `ACDRecorder`, `Capture`, `detach_acd`) is family-independent and
-lives in `rcgrpo.editors.acd`; it is re-exported here, and this module registers the Flux family
-(`ACD_FAMILY`: attention modules, processor, stock check).
+lives in `rcgrpo.editors.acd`; this module defines the Flux family (`ACD_FAMILY`: attention modules,
+processor, stock check), which the recorder finds from the transformer's class.
 
     recorder = attach_acd(pipe.transformer, last_k=10)        # swap the last 10 attention processors
     with recorder.capture(token_mask) as cap:                 # token_mask [N_img] or [B, N_img]
@@ -34,18 +34,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from rcgrpo_kernels import acd_attention
 from rcgrpo_kernels.acd_attention import acd_attention_eager
 
-# The family-independent recorder lives in rcgrpo.editors.acd; its names are re-exported here.
-from ..editors.acd import (  # noqa: F401
-    DEFAULT_LAST_K,
-    PROCESSOR_MODES,
-    SKIP_REASONS,
-    ACDFamily,
-    ACDRecorder,
-    Capture,
-    attach_acd,
-    detach_acd,
-    get_acd_recorder,
-)
+from ..acd import ACDFamily, ACDRecorder, Capture
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Loading pipelines and LoRA weights, with clear errors when files are missing.
+"""LoRA files: found, checked against the model before anything loads, loaded; written in diffusers' format.
 
-`--model` means the same in every command: `tiny` (the random offline test pipeline), `tiny-editor`
-(the pretrained tiny editor shipped with rcgrpo, MiniBench), a local directory in the diffusers
-layout, or a hub id (FLUX.1-Kontext-dev is gated: `huggingface-cli login` first). `load_pipeline`
-returns the pipeline with the `ModelDefaults` (resolution, steps, text length, guidance) that suit it.
+    lora_file(path)                 the safetensors file of a LoRA directory (or the file itself)
+    read_lora_shapes(path)          {key: shape} from the safetensors header, no tensor loaded
+    lora_layers(shapes, where)      the file's layers (lora_A/lora_B pairs of one rank), checked
+    check_lora_layers(pipe, layers) every layer names a linear module of the pipeline with matching shapes
+    load_lora(pipe, path)           the checks, then the pipeline's own `load_lora_weights`
+    fold_lora_scale(state, module)  a peft state dict with each module's alpha/rank scale folded into lora_B
 """
 from __future__ import annotations
 
@@ -13,57 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .defaults import KONTEXT_DEFAULTS, TINY_DEFAULTS, ModelDefaults
-
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-TINY_MODELS = ("tiny", "tiny-editor")
-
-
-def default_device(device: str | None = None) -> torch.device:
-    if device:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine")
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_pipeline(model: str | None, *, device: str | None = None, dtype: torch.dtype | None = None,
-                  seed: int = 0) -> tuple[object, ModelDefaults]:
-    """(pipeline, defaults) for `--model` (see the module docstring; None means "tiny")."""
-    dev = default_device(device)
-    if model in (None, "tiny"):
-        from ..testing import tiny_kontext_pipeline
-
-        return tiny_kontext_pipeline(seed, device=dev, dtype=dtype or torch.float32), TINY_DEFAULTS
-    if model == "tiny-editor":
-        from .. import testing
-
-        if not hasattr(testing, "tiny_editor"):
-            raise ValueError("--model tiny-editor: the pretrained tiny editor is not part of this build")
-        pipe = testing.tiny_editor(device=dev, dtype=dtype or torch.float32)
-        return pipe, testing.TINY_EDITOR_DEFAULTS
-    from diffusers import FluxKontextPipeline
-
-    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    local = Path(model)
-    try:
-        pipe = FluxKontextPipeline.from_pretrained(model, **_dtype_kwarg(dtype))
-    except (OSError, ValueError) as exc:
-        where = "local directory" if local.exists() else "hub id"
-        raise ValueError(
-            f"--model {model!r}: could not load FluxKontextPipeline weights from this {where} ({exc}); "
-            "download the model (e.g. `huggingface-cli download black-forest-labs/FLUX.1-Kontext-dev`) "
-            "and pass its local path"
-        ) from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dev), KONTEXT_DEFAULTS
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    """diffusers ≥ 0.42 takes `dtype=`, earlier releases `torch_dtype=`."""
-    from diffusers.utils import deprecation_utils
-
-    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,3 +191,47 @@ def load_lora(pipe, path, *, option: str = "--lora") -> None:
     if missing:
         raise RuntimeError(f"{where}: diffusers loaded no adapter into module {missing[0]!r}"
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def lora_scaling(transformer, module_path: str) -> float:
+    """peft's scale (alpha / rank) of the LoRA on `module_path` of `transformer`; 1 without one."""
+    for path in (module_path, module_path.removeprefix("transformer.")):
+        try:
+            module = transformer.get_submodule(path)
+        except AttributeError:
+            continue
+        scaling = getattr(module, "scaling", None)
+        if not isinstance(scaling, dict) or not scaling:
+            return 1.0
+        if len(scaling) > 1:
+            raise ValueError(f"module {path!r} holds several LoRA adapters {sorted(scaling)}; save one adapter at a time")
+        return float(next(iter(scaling.values())))
+    return 1.0
+
+
+def fold_lora_scale(state_dict: dict[str, torch.Tensor], transformer) -> dict[str, torch.Tensor]:
+    """A peft LoRA state dict (`<module>.lora_A.weight` / `.lora_B.weight`) with each module's alpha/rank
+    scale folded into its `lora_B`, as diffusers' files need (they carry no alpha: the loader uses scale 1)."""
+    bad = next((k for k in state_dict if ".lora_A." not in k and ".lora_B." not in k), None)
+    if not state_dict or bad is not None:
+        raise ValueError("expected a peft LoRA state dict (keys ending in lora_A/lora_B.weight), got "
+                         + ("no keys" if not state_dict else repr(bad)))
+    folded = {}
+    for key, value in state_dict.items():
+        if ".lora_B." in key:
+            scale = lora_scaling(transformer, key.split(".lora_B.")[0])
+            value = value * scale if scale != 1.0 else value
+        folded[key] = value
+    return folded
+
+
+def unfold_lora_scale(state_dict: dict[str, torch.Tensor], transformer) -> dict[str, torch.Tensor]:
+    """The inverse of `fold_lora_scale` (a diffusers file back to the adapter's own weights)."""
+    out = {}
+    for key, value in state_dict.items():
+        if ".lora_B." in key:
+            scale = lora_scaling(transformer, key.split(".lora_B.")[0])
+            value = value / scale if scale != 1.0 else value
+        out[key] = value
+    return out
+

@@ -1,6 +1,6 @@
 """ACD heatmaps: the text→image attention mass a(u) (SPEC §7) drawn over the edited image.
 
-`save_acd_heatmap(image, path, mass)` blends the mass (a capture of `rcgrpo.flux.attention`, or a mass
+`save_acd_heatmap(image, path, mass)` blends the mass (a capture of `rcgrpo.editors.acd`, or a mass
 tensor) onto the image with a colour map and outlines the edit mask, in a PNG of the image's size.
 `save_acd_figure(image, path, mass, title=...)` draws the report's version: source, the density per
 token with a colour bar, and the overlay, with a title and panel labels, small images enlarged.
@@ -46,7 +46,7 @@ def _infer_grid(n_tokens: int, height: int, width: int) -> tuple[int, int]:
 
 
 def _is_capture(source) -> bool:
-    """A capture of `rcgrpo.flux.attention` (duck-typed: it has `mass` and `token_mask`)."""
+    """A capture of `rcgrpo.editors.acd` (duck-typed: it has `mass` and `token_mask`)."""
     return hasattr(source, "mass") and hasattr(source, "token_mask") and not isinstance(source, torch.Tensor)
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from ..data.synthetic import EditExample
-from ..method.masks import token_mask_for_image
 from ..method.rdp import region_decoupled_noise
-from .rollout import background_drift, latent_shape, rollout
-from .text import acd_text_weights
+from .acd import attach_acd, detach_acd
+from .base import Editor
+from .latents import background_drift
 
 
 @dataclass
@@ -43,7 +43,7 @@ def region_rms(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> float:
 
 
 def edit_group(
-    pipe,
+    editor: Editor,
     example: EditExample,
     *,
     group_size: int = 4,
@@ -54,20 +54,23 @@ def edit_group(
     global_sigma: float | None = None,
     seed: int = 0,
     max_sequence_length: int = 512,
+    negative_prompt: str | None = None,
     acd_layers: int = 10,
     acd_backend: str = "auto",
     acd_text_tokens: str = "prompt",
 ) -> tuple[list[CandidateReport], dict[str, torch.Tensor]]:
     """Roll out both schemes; returns per-candidate reports and `{scheme: images [G, 3, H, W]}`.
-    ACD counts the instruction's real T5 tokens (`acd_text_tokens="prompt"`) or every position ("all")."""
+    ACD counts the instruction's own tokens (`acd_text_tokens="prompt"`) or every text position ("all")."""
     _, height, width = example.image.shape
-    token_mask = token_mask_for_image(example.mask, height, width, pipe.vae_scale_factor, name=example.example_id)
-    n_img, channels = latent_shape(pipe, height, width)
+    token_mask = editor.token_mask(example.mask, height, width, name=example.example_id)
+    n_img, channels = editor.latent_shape(height, width)
     latent_mask = token_mask[:, None].expand(n_img, channels)
-    device = pipe.transformer.device
-    dtype = pipe.transformer.dtype
-    text_weights = acd_text_weights(pipe, example.instruction, max_sequence_length, acd_text_tokens)
-    recorder = _attach_acd(pipe, acd_layers, acd_backend)
+    device, dtype = editor.device, editor.dtype
+    source = example.image[None].to(device=device, dtype=dtype)
+    text = editor.encode_text(example.instruction, source, max_sequence_length=max_sequence_length,
+                              acd_text_tokens=acd_text_tokens, negative_prompt=negative_prompt)
+    recorder = attach_acd(editor.transformer, last_k=min(acd_layers, len(editor.attention_modules())),
+                          backend=acd_backend)
     reports: list[CandidateReport] = []
     images: dict[str, torch.Tensor] = {}
     try:
@@ -75,11 +78,10 @@ def edit_group(
             gen = torch.Generator().manual_seed(seed)
             noises = region_decoupled_noise((n_img, channels), latent_mask, group_size=group_size,
                                             alpha_edit=a_edit, alpha_base=a_base, generator=gen)
-            source = example.image[None].to(device=device, dtype=dtype)
-            with recorder.capture(token_mask.to(device), text_weights=text_weights) as cap:
-                result = rollout(pipe, source, example.instruction, noises.to(device=device, dtype=dtype),
-                                 num_steps=num_steps, guidance_scale=guidance_scale, height=height,
-                                 width=width, max_sequence_length=max_sequence_length)
+            with recorder.capture(token_mask.to(device), text_weights=text.acd_weights) as cap:
+                result = editor.rollout(source, example.instruction, noises.to(device=device, dtype=dtype),
+                                        num_steps=num_steps, guidance_scale=guidance_scale, height=height,
+                                        width=width, max_sequence_length=max_sequence_length, text=text)
             acd_values = cap.reward().float().cpu()
             imgs = result.images.float().cpu()
             images[scheme] = imgs
@@ -94,17 +96,8 @@ def edit_group(
                     acd=float(acd_values[i]),
                 ))
     finally:
-        from .attention import detach_acd
-
-        detach_acd(pipe.transformer)
+        detach_acd(editor.transformer)
     return reports, images
-
-
-def _attach_acd(pipe, last_k: int, backend: str):
-    from .attention import attach_acd, attention_modules
-
-    last_k = min(last_k, len(attention_modules(pipe.transformer)))  # the tiny model has only 4 layers
-    return attach_acd(pipe.transformer, last_k=last_k, backend=backend)
 
 
 def format_report(reports: list[CandidateReport]) -> str:

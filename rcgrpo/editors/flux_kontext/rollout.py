@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..method.masks import token_grid
+from ...method.masks import token_grid
+from ..base import RolloutResult
 
 
 @dataclass
@@ -48,23 +49,6 @@ class Conditioning:
             text_ids=self.text_ids.to(device=device),
             image_ids=self.image_ids.to(device=device),
         )
-
-
-@dataclass
-class RolloutResult:
-    """One group's rollout: G candidates × (T+1) states."""
-
-    states: torch.Tensor  # [G, T+1, N_img, C] packed latents; states[:, 0] = the noises
-    sigmas: torch.Tensor  # [T+1] float32, sigmas[0] = 1, sigmas[T] = 0
-    timesteps: torch.Tensor  # [T] the scheduler's timesteps (sigma·1000) as the pipeline fed them
-    images: torch.Tensor | None  # [G, 3, H, W] in [0, 1], decoded finals (None if not decoded)
-    conditioning: Conditioning
-    height: int
-    width: int
-
-    @property
-    def num_steps(self) -> int:
-        return self.sigmas.shape[0] - 1
 
 
 def latent_shape(pipe, height: int, width: int) -> tuple[int, int]:
@@ -207,22 +191,3 @@ def predict_velocity(transformer, cond: Conditioning, latents: torch.Tensor, tim
         return_dict=False,
     )[0]
     return pred[:, :n_img]
-
-
-def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-    """x + (σ_next − σ)·v computed in float32 (as FlowMatchEulerDiscreteScheduler.step does), in the velocity's dtype.
-
-    `sigma`/`sigma_next` are scalars or `[B]` (broadcast over tokens and channels).
-    """
-    dt = (sigma_next - sigma).to(torch.float32)
-    if dt.dim() == 1:
-        dt = dt[:, None, None]
-    return (latents.to(torch.float32) + dt * velocity.to(torch.float32)).to(velocity.dtype)
-
-
-def background_drift(final_states: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """Per candidate, the mean squared difference of its final latent `[G, N_img, C]` to the reference
-    candidate 0 over the background elements (token mask `[N_img]`, 1 = edit): `[G]`, entry 0 is 0."""
-    final = final_states.float()
-    background = (1.0 - token_mask.to(device=final.device, dtype=final.dtype))[:, None].expand_as(final[0])
-    return ((final - final[0]).square() * background).sum((-1, -2)) / background.sum().clamp_min(1e-12)

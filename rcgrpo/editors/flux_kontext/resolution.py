@@ -16,7 +16,7 @@ TINY_RESOLUTION_LIMIT = 64  # at or below this target the tiny models size edits
 
 def edit_size(height: int, width: int, *, target: int, multiple: int) -> tuple[int, int]:
     """(h, w) of the edit of a `height`×`width` image at about `target`² pixels (see the module docstring)."""
-    from ..io.images import fit_size
+    from ...io.images import fit_size
 
     buckets = None
     if target > TINY_RESOLUTION_LIMIT:
