@@ -90,7 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from rcgrpo.flux.pipeline import load_pipeline
+    import rcgrpo.minibench  # noqa: F401 - registers tiny-editor, the minibench dataset and reward
+    from rcgrpo.editors.loading import load_editor
     from rcgrpo.rewards.registry import reward_funcs_from_config
     from rcgrpo.train.config import preset
     from rcgrpo.train.data import build_datasets
@@ -101,8 +102,9 @@ def main() -> None:
         cfg = preset("minibench", max_steps=args.max_steps, output_dir=os.path.join(tmp, "run"), report_to="none",
                      checkpoint_every=0, sample_every=0, device="cpu")
         train_set, eval_set = build_datasets(cfg)
-        pipe, _ = load_pipeline(cfg.model, device="cpu")
-        trainer = RCGRPOTrainer(pipe, cfg, reward_funcs_from_config(cfg), train_set, eval_set)
+        editor = load_editor(cfg.model, device="cpu")
+        pipe = editor.pipe
+        trainer = RCGRPOTrainer(editor, cfg, reward_funcs_from_config(cfg), train_set, eval_set)
         timer = PhaseTimer()
         trainer.phases.add_listener(timer)
         timer.hook(pipe.transformer, "transformer")
