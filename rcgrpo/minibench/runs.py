@@ -115,16 +115,16 @@ def execute(spec: RunSpec, root: Path, *, log: Callable[[str], None] = print) ->
     config = spec.train_config(run_dir)
     editor = load_editor(config.model, device="cpu")
     result: dict = {"spec": spec.to_dict(), "threads": torch.get_num_threads()}
+    curve_set = curve_dataset(spec, config.resolution)
+    train_set, _ = build_datasets(config)
+    rewards = [("random_reward", RandomReward(spec.seed))] if spec.reward == "random" \
+        else reward_funcs_from_config(config)
     if spec.max_steps == 0:
         result["eval"] = evaluate_edits(editor, spec, data_dir, run_dir / "eval")
+        # step 0 of every learning curve: the base model on the curve sample (the LoRA starts at zero)
+        trainer = RCGRPOTrainer(editor, config, rewards, train_set, eval_dataset=curve_set)
+        result["curve_base"] = {"step": 0, "eval/task_reward": trainer.evaluate()}
     else:
-        from ..minibench.tasks import MiniBenchDataset
-
-        curve_set = MiniBenchDataset(per_task=max(1, spec.eval_per_task // 2), split=spec.eval_split,
-                                     seed=spec.eval_seed + 1, size=config.resolution)
-        train_set, _ = build_datasets(config)
-        rewards = [("random_reward", RandomReward(spec.seed))] if spec.reward == "random" \
-            else reward_funcs_from_config(config)
         trainer = RCGRPOTrainer(editor, config, rewards, train_set, eval_dataset=curve_set)
         if run_dir.is_dir() and list_checkpoints(run_dir):
             trainer.resume(run_dir)
@@ -138,6 +138,15 @@ def execute(spec: RunSpec, root: Path, *, log: Callable[[str], None] = print) ->
     result["wall_s"] = time.time() - started
     atomic_write_text(run_dir / RESULT, json.dumps(result, indent=2, allow_nan=False))
     return result
+
+
+def curve_dataset(spec: RunSpec, size: int):
+    """The learning curve's sample: half as many examples per task as the evaluation set, of the same
+    split with the next seed (so never the examples the final metrics are computed on)."""
+    from .tasks import MiniBenchDataset
+
+    return MiniBenchDataset(per_task=max(1, spec.eval_per_task // 2), split=spec.eval_split,
+                            seed=spec.eval_seed + 1, size=size)
 
 
 def train_summary(run_dir: Path) -> dict:

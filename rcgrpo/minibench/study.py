@@ -144,7 +144,9 @@ def format_study(results: dict) -> str:
             f"| {f(psnr, 2)} | {f(None if b_psnr is None or psnr is None else psnr - b_psnr, 2, True)} | {f(lct, 2)} "
             f"| {f(ema_task)} | {f(None if b_psnr is None or ema_psnr is None else ema_psnr - b_psnr, 2, True)} "
             f"| {f(means.get('reward_std_within_group'))} | {f(means.get('approx_kl'), 6)} | {r['wall_s'] / 60:.1f} |")
-    lines += ["", "Learning curves (validation task reward on a second validation sample, every `eval_every` steps):", ""]
+    curve0 = (base or {}).get("curve_base", {}).get("eval/task_reward")
+    lines += ["", "Learning curves (validation task reward on a second validation sample, every `eval_every` steps"
+              + (f"; the base model scores {curve0:.4f} on it" if curve0 is not None else "") + "):", ""]
     for row in results["configurations"]:
         r = row["result"]
         curve = (r or {}).get("train", {}).get("curve", [])
