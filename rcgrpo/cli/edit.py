@@ -10,7 +10,10 @@ resolution bucket nearest the image's aspect ratio (diffusers' PREFERRED_KONTEXT
 to `--resolution`² pixels when that is not 1024) or, for the tiny models (resolution ≤ 64), an area
 of resolution² with each side rounded to the token size (2 × the VAE scale factor). The image is
 resized bicubic (antialiased), the mask by max pooling when shrinking and nearest when enlarging (so
-no edit region is lost, as SPEC §2 pools pixels into tokens). How files are read (EXIF orientation,
+no edit region is lost, as SPEC §2 pools pixels into tokens). The images written (source, mask,
+candidates; the overview grids stay at the model's size) have the input image's size: the candidates are resized back from the model's size
+(bicubic); `--output-size model` keeps the model's size instead. The printed line gives both sizes
+when they differ; `report.json` has the model's (`height`, `width`) and the written one (`output_size`). How files are read (EXIF orientation,
 16-bit and palette images, 0/255, 0/1, soft and alpha masks) is in `rcgrpo.io.images`.
 Every input is checked before the model loads: files readable, sizes matching, the mask neither empty
 nor full (on the token grid too, when the model's VAE is known from its config files), the LoRA
@@ -19,6 +22,7 @@ before any rollout.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -61,6 +65,9 @@ class EditArguments:
                                                                "padded T5 position")
     resolution: Optional[int] = _opt(None, "edit area as the side of a square of equal area; the aspect ratio is "
                                             "the image's (default: the model's, 1024 for FLUX.1-Kontext)")
+    output_size: Literal["input", "model"] = _opt("input", "size of the written images: the input image's (the "
+                                                           "edit, made at the model's size, is resized back) or "
+                                                           "the model's (the size it edited at)")
     seed: int = _opt(0, "seed of ε* and the perturbations")
     device: Optional[str] = _opt(None, "cpu or cuda (default: cuda when available)")
 
@@ -182,11 +189,8 @@ def run_edit(args: EditArguments, prog: str = "rcgrpo edit") -> int:
     resolution = args.resolution or defaults.resolution
     if args.image:
         example = prepare_example(image, mask, args, resolution, int(pipe.vae_scale_factor))
-        resized = f", resized from {image.shape[2]}x{image.shape[1]}" if tuple(image.shape[1:]) != tuple(
-            example.image.shape[1:]) else ""
     else:
         example = builtin_example(args.model, args.seed, defaults.resolution)
-        resized = ""
         if args.prompt:
             example.instruction = args.prompt
     steps = args.steps or defaults.num_inference_steps
@@ -200,24 +204,51 @@ def run_edit(args: EditArguments, prog: str = "rcgrpo edit") -> int:
     elapsed = time.perf_counter() - start
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_image(example.image, out / "source.png")
-    save_image(example.mask[None].expand(3, -1, -1), out / "mask.png")
-    for scheme, imgs in images.items():
+    height, width = (int(v) for v in example.image.shape[1:])
+    written, written_images = example, images
+    if args.image and args.output_size == "input":  # the source as read, candidates resized back to it
+        written = dataclasses.replace(example, image=image, mask=mask)
+        written_images = {scheme: resize_to(imgs, image.shape[1], image.shape[2]) for scheme, imgs in images.items()}
+    save_image(written.image, out / "source.png")
+    save_image(written.mask[None].expand(3, -1, -1), out / "mask.png")
+    for scheme, imgs in written_images.items():
         for i, img in enumerate(imgs):
             save_image(img, out / scheme / f"candidate_{i:02d}.png")
-        save_scheme_grid(example, imgs, [r for r in reports if r.scheme == scheme], scheme,
+        # the overview grids stay at the model's size (a 4000 px input would make them huge)
+        save_scheme_grid(example, images[scheme], [r for r in reports if r.scheme == scheme], scheme,
                          out / f"{scheme}_grid.png")
-    height, width = example.image.shape[1:]
-    report = {"instruction": example.instruction, "steps": steps, "seconds": elapsed, "height": int(height),
-              "width": int(width), "candidates": [asdict(r) for r in reports]}
+    out_height, out_width = (int(v) for v in written.image.shape[1:])
+    report = {"instruction": example.instruction, "steps": steps, "seconds": elapsed, "height": height,
+              "width": width, "output_size": [out_height, out_width], "candidates": [asdict(r) for r in reports]}
     if args.image:
         report["source_size"] = [int(image.shape[1]), int(image.shape[2])]
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    print(f'edit "{example.instruction}" ({width}x{height} px{resized}, '
+    print(f'edit "{example.instruction}" ({size_note(args, image if args.image else None, height, width)}; '
           f"{args.group_size} candidates, {steps} steps, {elapsed:.2f} s)")
     print(format_report(reports))
     print(f"images written to {out}/")
     return 0
+
+
+def resize_to(images, height: int, width: int):
+    """Candidates `[G, 3, h, w]` resized to `height`×`width` (bicubic, antialiased; `rcgrpo.io.images`)."""
+    import torch
+
+    from ..io.images import resize_image
+
+    if tuple(images.shape[-2:]) == (height, width):
+        return images
+    return torch.stack([resize_image(img, height, width) for img in images])
+
+
+def size_note(args: "EditArguments", image, height: int, width: int) -> str:
+    """How the printed line states the sizes: the model's size, and the input's when they differ."""
+    if image is None or tuple(image.shape[1:]) == (height, width):
+        return f"{width}x{height} px"
+    in_height, in_width = int(image.shape[1]), int(image.shape[2])
+    if args.output_size == "input":
+        return f"edited at the model's {width}x{height} px, written at the input's {in_width}x{in_height} px"
+    return f"edited and written at the model's {width}x{height} px; the input is {in_width}x{in_height} px"
 
 
 def save_scheme_grid(example, imgs, reports: list, scheme: str, path) -> Path:
