@@ -156,10 +156,11 @@ def test_exif_rotated_image_matches_mask_drawn_upright(tmp_path, capsys):
     rc, out, err = run(edit_args(tmp_path, tmp_path / "rotated.png", tmp_path / "mask.png"), capsys)
     assert rc == 0 and err == "", err
     with Image.open(tmp_path / "out" / "source.png") as im:
-        assert im.size == (28, 40)  # (w, h): portrait, area ~32², sides multiples of 4 (tiny VAE factor 2)
+        assert im.size == (32, 48)  # (w, h): written at the input's size, as a viewer shows it
         src = np.asarray(im.convert("RGB")).astype(int)
     assert src[0, -1, 0] > 100 and src[0, -1, 1] < 60  # the red corner is top right
-    assert "28x40 px, resized from 32x48" in out
+    # edited portrait at area ~32², sides multiples of 4 (tiny VAE factor 2)
+    assert "edited at the model's 28x40 px, written at the input's 32x48 px" in out
 
 
 def test_non_square_image_keeps_its_aspect(tmp_path, capsys):
@@ -309,7 +310,7 @@ def test_empty_output_dir(tmp_path, capsys, no_model):
     rc, _, err = run([*edit_args(tmp_path, image, mask), "--output-dir", ""], capsys)
     assert_refused(rc, err, "--output-dir", "empty")
     rc, _, err = run(["train", "--preset", "tiny", "--output-dir", "", "--report-to", "none"], capsys)
-    assert_refused(rc, err, "output_dir", "empty")
+    assert_refused(rc, err, "--output-dir", "empty")
 
 
 @pytest.mark.parametrize("argv,name", [
@@ -325,9 +326,9 @@ def test_edit_flag_ranges(tmp_path, capsys, no_model, argv, name):
 
 
 @pytest.mark.parametrize("argv,name", [
-    (["--num-inference-steps", "0"], "num_inference_steps"),
-    (["--group-size", "1"], "group_size"),
-    (["--max-steps", "0"], "max_steps"),
+    (["--num-inference-steps", "0"], "--num-inference-steps"),
+    (["--group-size", "1"], "--group-size"),
+    (["--max-steps", "0"], "--max-steps"),
 ])
 def test_train_flag_ranges(tmp_path, capsys, no_model, argv, name):
     rc, _, err = run(["train", "--preset", "tiny", "--output-dir", str(tmp_path / "o"), "--report-to", "none", *argv],
