@@ -332,10 +332,13 @@ def tiny_qwen_editor(device="cpu", dtype: torch.dtype = torch.float32, seed: int
 def _register() -> None:
     from .editors.loading import register_model
 
-    register_model("tiny", tiny_kontext_editor, TINY_DEFAULTS, "random tiny FLUX.1-Kontext pipeline (tests)")
-    register_model("tiny-qwen", tiny_qwen_editor, TINY_QWEN_DEFAULTS, "random tiny Qwen-Image-Edit pipeline (tests)")
+    register_model("tiny", tiny_kontext_editor, TINY_DEFAULTS, "FluxKontextPipeline",
+                   "random tiny FLUX.1-Kontext pipeline (tests)")
+    register_model("tiny-qwen", tiny_qwen_editor, TINY_QWEN_DEFAULTS, "QwenImageEditPipeline",
+                   "random tiny Qwen-Image-Edit pipeline (tests)")
     register_model("tiny-qwen-plus", lambda device="cpu", dtype=torch.float32, seed=0: tiny_qwen_editor(
-        device, dtype, seed, plus=True), TINY_QWEN_DEFAULTS, "random tiny Qwen-Image-Edit-Plus pipeline (tests)")
+        device, dtype, seed, plus=True), TINY_QWEN_DEFAULTS, "QwenImageEditPlusPipeline",
+        "random tiny Qwen-Image-Edit-Plus pipeline (tests)")
 
 
 _register()

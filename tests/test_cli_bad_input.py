@@ -44,10 +44,10 @@ def assert_refused(rc, err, *names):
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail loudly if the command loads a model: refusals must come first."""
-    def load_pipeline(*args, **kwargs):
+    def load_editor(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    monkeypatch.setattr("rcgrpo.flux.pipeline.load_pipeline", load_pipeline)
+    monkeypatch.setattr("rcgrpo.editors.loading.load_editor", load_editor)
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def no_rollout(monkeypatch):
     def rollout(*args, **kwargs):
         raise AssertionError("a rollout ran before the bad input was refused")
 
-    monkeypatch.setattr("rcgrpo.flux.compare.rollout", rollout)
+    monkeypatch.setattr("rcgrpo.editors.flux_kontext.editor.FluxKontextEditor.rollout", rollout)
 
 
 def png(path, arr, mode=None, **kwargs):
@@ -156,10 +156,11 @@ def test_exif_rotated_image_matches_mask_drawn_upright(tmp_path, capsys):
     rc, out, err = run(edit_args(tmp_path, tmp_path / "rotated.png", tmp_path / "mask.png"), capsys)
     assert rc == 0 and err == "", err
     with Image.open(tmp_path / "out" / "source.png") as im:
-        assert im.size == (28, 40)  # (w, h): portrait, area ~32², sides multiples of 4 (tiny VAE factor 2)
+        assert im.size == (32, 48)  # (w, h): written at the input's size, as a viewer shows it
         src = np.asarray(im.convert("RGB")).astype(int)
     assert src[0, -1, 0] > 100 and src[0, -1, 1] < 60  # the red corner is top right
-    assert "28x40 px, resized from 32x48" in out
+    # edited portrait at area ~32², sides multiples of 4 (tiny VAE factor 2)
+    assert "edited at the model's 28x40 px, written at the input's 32x48 px" in out
 
 
 def test_non_square_image_keeps_its_aspect(tmp_path, capsys):
@@ -203,7 +204,7 @@ def test_peft_lora_keys_are_loaded_not_skipped(tmp_path, capsys):
 
 
 def test_peft_keys_reach_the_model():
-    from rcgrpo.flux.pipeline import load_lora
+    from rcgrpo.editors.lora import load_lora
     from rcgrpo.testing import tiny_kontext_pipeline
 
     import tempfile
@@ -290,7 +291,7 @@ def test_mask_full_on_the_token_grid(tmp_path, capsys, monkeypatch):
     dots = np.zeros((32, 32), np.uint8)
     dots[::4, ::4] = 255
     png(tmp_path / "dots.png", dots)
-    monkeypatch.setattr("rcgrpo.flux.compare.rollout", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rollout")))
+    monkeypatch.setattr("rcgrpo.editors.flux_kontext.editor.FluxKontextEditor.rollout", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rollout")))
     rc, _, err = run(edit_args(tmp_path, image, tmp_path / "dots.png"), capsys)
     assert_refused(rc, err, "--mask", "dots.png", "covers every token", "token grid")
 
@@ -309,7 +310,7 @@ def test_empty_output_dir(tmp_path, capsys, no_model):
     rc, _, err = run([*edit_args(tmp_path, image, mask), "--output-dir", ""], capsys)
     assert_refused(rc, err, "--output-dir", "empty")
     rc, _, err = run(["train", "--preset", "tiny", "--output-dir", "", "--report-to", "none"], capsys)
-    assert_refused(rc, err, "output_dir", "empty")
+    assert_refused(rc, err, "--output-dir", "empty")
 
 
 @pytest.mark.parametrize("argv,name", [
@@ -325,9 +326,9 @@ def test_edit_flag_ranges(tmp_path, capsys, no_model, argv, name):
 
 
 @pytest.mark.parametrize("argv,name", [
-    (["--num-inference-steps", "0"], "num_inference_steps"),
-    (["--group-size", "1"], "group_size"),
-    (["--max-steps", "0"], "max_steps"),
+    (["--num-inference-steps", "0"], "--num-inference-steps"),
+    (["--group-size", "1"], "--group-size"),
+    (["--max-steps", "0"], "--max-steps"),
 ])
 def test_train_flag_ranges(tmp_path, capsys, no_model, argv, name):
     rc, _, err = run(["train", "--preset", "tiny", "--output-dir", str(tmp_path / "o"), "--report-to", "none", *argv],
@@ -404,7 +405,7 @@ def test_lora_for_modules_the_model_lacks(tmp_path, capsys, no_rollout):
 
 
 def test_lora_checks_leave_the_model_untouched(tmp_path):
-    from rcgrpo.flux.pipeline import load_lora
+    from rcgrpo.editors.lora import load_lora
     from rcgrpo.testing import tiny_kontext_pipeline
 
     pipe = tiny_kontext_pipeline(0)

@@ -78,7 +78,7 @@ def test_model_defaults_sidecars_and_reuse(bench, tmp_path, monkeypatch):
     def no_load(*_a, **_k):
         raise AssertionError("the pipeline should not be loaded")
 
-    monkeypatch.setattr(evaluate_module, "_load_pipeline", no_load)
+    monkeypatch.setattr(evaluate_module, "_load_editor", no_load)
     res = evaluate(bench, out, model="tiny", steps=TINY_DEFAULTS.num_inference_steps, guidance_scale=2.5,
                    resolution=32, max_sequence_length=TINY_DEFAULTS.max_sequence_length, **FAST)
     assert res["settings"]["generation"]["reused"] == 3 and _mtimes(out / "outputs") == pngs

@@ -39,6 +39,10 @@ def register_offline_models() -> None:
 BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
 
 
+def usage_line() -> str:
+    return "rcgrpo [--debug] [--version] <command> [options]"
+
+
 def usage() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -46,7 +50,7 @@ def usage() -> str:
         ver = version("rcgrpo")
     except PackageNotFoundError:
         ver = "unknown"
-    lines = [f"usage: rcgrpo [--debug] [--version] <command> [options]   (rcgrpo {ver})", "",
+    lines = [f"usage: {usage_line()}   (rcgrpo {ver})", "",
              "Region-constrained GRPO post-training of flow-based image editors (FLUX.1-Kontext).", "",
              "commands:"]
     lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
@@ -59,9 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("RCGRPO_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     try:
-        if not argv or argv[0] in ("-h", "--help"):
+        if not argv:
+            raise UsageError(f"rcgrpo: error: no command given (usage: {usage_line()}; commands: "
+                             f"{', '.join(COMMANDS)}; `rcgrpo --help` describes them)")
+        if argv[0] in ("-h", "--help"):
             print(usage())
-            return 0 if argv else 2
+            return 0
         if argv[0] == "--version":
             print(usage().splitlines()[0].split("(")[-1].rstrip(")"))
             return 0

@@ -1,16 +1,19 @@
-"""`rcgrpo edit`: a real RDP edit with a Kontext pipeline, global perturbation vs RDP side by side.
+"""`rcgrpo edit`: a real RDP edit with an image editor, global perturbation vs RDP side by side.
 
 For one source image, mask and instruction it rolls out a group from the same ε* twice — once with
 Neighbor GRPO's global perturbation (α_edit = α_base = σ), once with RDP — and reports per
 candidate how much the edit region changed and how much the background drifted relative to the
 reference candidate (index 0), plus its ACD reward. Candidate images are saved.
 
-With `--image`/`--mask` the edit keeps the image's aspect ratio: its height × width is the pipeline's
-resolution bucket nearest the image's aspect ratio (diffusers' PREFERRED_KONTEXT_RESOLUTIONS, scaled
-to `--resolution`² pixels when that is not 1024) or, for the tiny models (resolution ≤ 64), an area
-of resolution² with each side rounded to the token size (2 × the VAE scale factor). The image is
+With `--image`/`--mask` the edit keeps the image's aspect ratio at about `--resolution`² pixels, sized
+as the model family sizes it (`Editor.edit_size`): FLUX.1-Kontext's resolution bucket nearest the
+image's aspect ratio (scaled to `--resolution`² when that is not 1024; the tiny models, ≤ 64 px, the exact
+aspect), Qwen-Image-Edit's `calculate_dimensions` rounding; each side a multiple of the token size. The image is
 resized bicubic (antialiased), the mask by max pooling when shrinking and nearest when enlarging (so
-no edit region is lost, as SPEC §2 pools pixels into tokens). How files are read (EXIF orientation,
+no edit region is lost, as SPEC §2 pools pixels into tokens). The images written (source, mask,
+candidates; the overview grids stay at the model's size) have the input image's size: the candidates are resized back from the model's size
+(bicubic); `--output-size model` keeps the model's size instead. The printed line gives both sizes
+when they differ; `report.json` has the model's (`height`, `width`) and the written one (`output_size`). How files are read (EXIF orientation,
 16-bit and palette images, 0/255, 0/1, soft and alpha masks) is in `rcgrpo.io.images`.
 Every input is checked before the model loads: files readable, sizes matching, the mask neither empty
 nor full (on the token grid too, when the model's VAE is known from its config files), the LoRA
@@ -19,6 +22,7 @@ before any rollout.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -48,12 +52,14 @@ class EditArguments:
     mask_channel: Literal["luminance", "alpha"] = _opt("luminance", "where the mask is: the gray level of the mask "
                                                                     "file, or its alpha channel")
     prompt: Optional[str] = _opt(None, "edit instruction")
-    model: str = _opt("tiny", "tiny | tiny-editor | a local FLUX.1-Kontext directory | a hub id")
+    model: str = _opt("tiny", "tiny | tiny-editor | tiny-qwen | a local FLUX.1-Kontext or Qwen-Image-Edit (Plus) "
+                              "directory | a hub id")
     lora: Optional[str] = _opt(None, "directory with pytorch_lora_weights.safetensors to load")
     output_dir: str = _opt("runs/edit", "where candidate images and report.json go")
     group_size: int = _opt(4, "G: candidates per scheme (candidate 0 is the unperturbed reference)")
     steps: Optional[int] = _opt(None, "Euler steps (default: the model's, e.g. 4 for tiny, 28 for FLUX.1-Kontext)")
-    guidance_scale: Optional[float] = _opt(None, "Kontext guidance (default: the model's, 2.5)")
+    guidance_scale: Optional[float] = _opt(None, "the family's guidance: Kontext's guidance embedding (2.5), "
+                                                 "Qwen-Image-Edit's true-CFG scale (4.0) (default: the model's)")
     alpha_edit: float = _opt(0.3, "RDP α_edit inside the mask")
     alpha_base: float = _opt(0.02, "RDP α_base in the background")
     global_sigma: Optional[float] = _opt(None, "σ of the global-perturbation baseline (default: alpha_edit)")
@@ -61,6 +67,9 @@ class EditArguments:
                                                                "padded T5 position")
     resolution: Optional[int] = _opt(None, "edit area as the side of a square of equal area; the aspect ratio is "
                                             "the image's (default: the model's, 1024 for FLUX.1-Kontext)")
+    output_size: Literal["input", "model"] = _opt("input", "size of the written images: the input image's (the "
+                                                           "edit, made at the model's size, is resized back) or "
+                                                           "the model's (the size it edited at)")
     seed: int = _opt(0, "seed of ε* and the perturbations")
     device: Optional[str] = _opt(None, "cpu or cuda (default: cuda when available)")
 
@@ -95,38 +104,18 @@ def main(argv: list[str], prog: str = "rcgrpo edit") -> int:
     return run_edit(args, prog)
 
 
-def edit_size(height: int, width: int, resolution: int, vae_scale_factor: int) -> tuple[int, int]:
-    """(height, width) of the edit of a `height`×`width` image for a model of `resolution`: the same rule
-    as training (`rcgrpo.flux.resolution.edit_size`)."""
-    from ..flux.resolution import edit_size as fitted
-
-    return fitted(height, width, target=resolution, multiple=2 * vae_scale_factor)
-
-
-def prepare_example(image, mask, args: "EditArguments", resolution: int, vae_scale_factor: int):
-    """The image and mask resized to the edit size (aspect kept), the mask checked on the token grid."""
+def prepare_example(image, mask, args: "EditArguments", resolution: int, size_for, size_multiple: int):
+    """The image and mask resized to the edit size `size_for(h, w, resolution, size_multiple)` (the model
+    family's `Editor.size_for`, aspect kept), the mask checked on the token grid."""
     from ..data.synthetic import EditExample
     from ..io.images import resize_image, resize_mask
     from .validation import check_mask_on_grid
 
-    height, width = edit_size(image.shape[1], image.shape[2], resolution, vae_scale_factor)
+    height, width = size_for(image.shape[1], image.shape[2], resolution, size_multiple)
     image, mask = resize_image(image, height, width), resize_mask(mask, height, width)
-    check_mask_on_grid(mask, height, width, vae_scale_factor, source=args.mask)
+    check_mask_on_grid(mask, height, width, size_multiple // 2, source=args.mask)
     return EditExample(image=image, mask=mask, instruction=args.prompt or "edit the masked region",
                        example_id=Path(args.image).stem)
-
-
-def _expected_defaults(model: str):
-    """The ModelDefaults `load_pipeline` will return for `model` (known before loading it)."""
-    from ..flux.defaults import KONTEXT_DEFAULTS, TINY_DEFAULTS
-
-    if model in (None, "tiny"):
-        return TINY_DEFAULTS
-    if model == "tiny-editor":
-        from .. import testing
-
-        return testing.TINY_EDITOR_DEFAULTS
-    return KONTEXT_DEFAULTS
 
 
 def load_edit_inputs(args: "EditArguments", prog: str = "rcgrpo edit"):
@@ -163,61 +152,86 @@ def builtin_example(model: str, seed: int, resolution: int):
 
 
 def run_edit(args: EditArguments, prog: str = "rcgrpo edit") -> int:
-    from ..flux.compare import edit_group, format_report
-    from ..flux.pipeline import load_pipeline
+    from ..editors.compare import edit_group, format_report
+    from ..editors.loading import expected_editor_class, load_editor, model_defaults
     from ..io.files import atomic_write_text
     from ..io.images import save_image
     from .preflight import vae_scale_factor
 
     if args.image:  # read and check the inputs before the model
         image, mask = load_edit_inputs(args, prog)
-        factor = vae_scale_factor(args.model)
-        if factor is not None:  # the token grid is known from the model's config files
-            prepare_example(image, mask, args, args.resolution or _expected_defaults(args.model).resolution, factor)
-    pipe, defaults = load_pipeline(args.model, device=args.device)
+        factor, family = vae_scale_factor(args.model), expected_editor_class(args.model)
+        if factor is not None and family is not None:  # the token grid is known from the model's config files
+            prepare_example(image, mask, args, args.resolution or model_defaults(args.model).resolution,
+                            family.size_for, 2 * factor)
+    editor = load_editor(args.model, device=args.device)
+    defaults = editor.defaults
     if args.lora:
-        from ..flux.pipeline import load_lora
-
-        load_lora(pipe, args.lora)
+        editor.load_lora(args.lora)
     resolution = args.resolution or defaults.resolution
     if args.image:
-        example = prepare_example(image, mask, args, resolution, int(pipe.vae_scale_factor))
-        resized = f", resized from {image.shape[2]}x{image.shape[1]}" if tuple(image.shape[1:]) != tuple(
-            example.image.shape[1:]) else ""
+        example = prepare_example(image, mask, args, resolution, type(editor).size_for, editor.size_multiple)
     else:
         example = builtin_example(args.model, args.seed, defaults.resolution)
-        resized = ""
         if args.prompt:
             example.instruction = args.prompt
     steps = args.steps or defaults.num_inference_steps
     start = time.perf_counter()
     reports, images = edit_group(
-        pipe, example, group_size=args.group_size, num_steps=steps,
+        editor, example, group_size=args.group_size, num_steps=steps,
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.guidance_scale,
         alpha_edit=args.alpha_edit, alpha_base=args.alpha_base, global_sigma=args.global_sigma, seed=args.seed,
         max_sequence_length=defaults.max_sequence_length, acd_text_tokens=args.acd_text_tokens,
+        negative_prompt=defaults.negative_prompt,
     )
     elapsed = time.perf_counter() - start
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_image(example.image, out / "source.png")
-    save_image(example.mask[None].expand(3, -1, -1), out / "mask.png")
-    for scheme, imgs in images.items():
+    height, width = (int(v) for v in example.image.shape[1:])
+    written, written_images = example, images
+    if args.image and args.output_size == "input":  # the source as read, candidates resized back to it
+        written = dataclasses.replace(example, image=image, mask=mask)
+        written_images = {scheme: resize_to(imgs, image.shape[1], image.shape[2]) for scheme, imgs in images.items()}
+    save_image(written.image, out / "source.png")
+    save_image(written.mask[None].expand(3, -1, -1), out / "mask.png")
+    for scheme, imgs in written_images.items():
         for i, img in enumerate(imgs):
             save_image(img, out / scheme / f"candidate_{i:02d}.png")
-        save_scheme_grid(example, imgs, [r for r in reports if r.scheme == scheme], scheme,
+        # the overview grids stay at the model's size (a 4000 px input would make them huge)
+        save_scheme_grid(example, images[scheme], [r for r in reports if r.scheme == scheme], scheme,
                          out / f"{scheme}_grid.png")
-    height, width = example.image.shape[1:]
-    report = {"instruction": example.instruction, "steps": steps, "seconds": elapsed, "height": int(height),
-              "width": int(width), "candidates": [asdict(r) for r in reports]}
+    out_height, out_width = (int(v) for v in written.image.shape[1:])
+    report = {"instruction": example.instruction, "steps": steps, "seconds": elapsed, "height": height,
+              "width": width, "output_size": [out_height, out_width], "candidates": [asdict(r) for r in reports]}
     if args.image:
         report["source_size"] = [int(image.shape[1]), int(image.shape[2])]
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    print(f'edit "{example.instruction}" ({width}x{height} px{resized}, '
+    print(f'edit "{example.instruction}" ({size_note(args, image if args.image else None, height, width)}; '
           f"{args.group_size} candidates, {steps} steps, {elapsed:.2f} s)")
     print(format_report(reports))
     print(f"images written to {out}/")
     return 0
+
+
+def resize_to(images, height: int, width: int):
+    """Candidates `[G, 3, h, w]` resized to `height`×`width` (bicubic, antialiased; `rcgrpo.io.images`)."""
+    import torch
+
+    from ..io.images import resize_image
+
+    if tuple(images.shape[-2:]) == (height, width):
+        return images
+    return torch.stack([resize_image(img, height, width) for img in images])
+
+
+def size_note(args: "EditArguments", image, height: int, width: int) -> str:
+    """How the printed line states the sizes: the model's size, and the input's when they differ."""
+    if image is None or tuple(image.shape[1:]) == (height, width):
+        return f"{width}x{height} px"
+    in_height, in_width = int(image.shape[1]), int(image.shape[2])
+    if args.output_size == "input":
+        return f"edited at the model's {width}x{height} px, written at the input's {in_width}x{in_height} px"
+    return f"edited and written at the model's {width}x{height} px; the input is {in_width}x{in_height} px"
 
 
 def save_scheme_grid(example, imgs, reports: list, scheme: str, path) -> Path:

@@ -1,7 +1,9 @@
 """`rcgrpo eval`: CompBench metrics of a model (or of existing edits) → results.json, results.md.
 
 The options are the fields of `EvalArguments`, parsed by `transformers.HfArgumentParser`
-(`parse_eval_args(argv)`); `run_eval(EvalArguments)` runs the command. `add_eval_arguments(parser)` adds
+(`parse_eval_args(argv)`; `main(argv)` parses with `rcgrpo.cli.parsing` as the other commands do);
+`run_eval(EvalArguments)` runs the command. A missing or unreadable source, mask or edit is an error
+naming the example unless `--skip-missing` is given. `add_eval_arguments(parser)` adds
 the same options to an argparse (sub)parser for the `rcgrpo` dispatcher, and `run_eval` also accepts the
 namespace that parser returns.
 """
@@ -46,9 +48,12 @@ class EvalArguments:
     eval_size: int = field(default=EVAL_SIZE, metadata={"help": f"metric resolution (default {EVAL_SIZE}, as CompBench)"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
     strict: bool = field(default=False, metadata={"help": "fail when CLIP or LPIPS weights are unavailable"})
+    skip_missing: bool = field(default=False, metadata={
+        "help": "skip examples whose source, mask or edit is missing or unreadable, as the official script does: "
+                "they are counted, listed in results.md and a warning gives their number (default: such an "
+                "example is an error naming it)"})
     fail_on_skipped: bool = field(default=False, metadata={
-        "help": "fail when an example has no source, mask or edit (default: skip it, as the official script, "
-                "and list it in results.md)"})
+        "help": "the default behaviour (kept for old command lines): a missing or unreadable file is an error"})
 
     def __post_init__(self):
         if self.tiny:
@@ -56,6 +61,8 @@ class EvalArguments:
                 raise ValueError(f"--tiny (deprecated, = --model tiny) contradicts --model {self.model}")
             print("rcgrpo eval: --tiny is deprecated; use --model tiny", file=sys.stderr)
             self.model, self.tiny = "tiny", False
+        if self.skip_missing and self.fail_on_skipped:
+            raise ValueError("--skip-missing contradicts --fail-on-skipped; give one of them")
         for name in ("limit", "steps", "resolution", "max_sequence_length", "eval_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -97,12 +104,21 @@ def _as_arguments(args) -> EvalArguments:
     return EvalArguments(**{f.name: getattr(args, f.name) for f in fields(EvalArguments) if hasattr(args, f.name)})
 
 
-def run_eval(args) -> int:
+def main(argv: list[str], prog: str = "rcgrpo eval") -> int:
+    """`rcgrpo eval` from the dispatcher: flags parsed by `rcgrpo.cli.parsing` (finite floats, one-line
+    errors), then `run_eval`."""
+    from .parsing import parse
+
+    return run_eval(parse((EvalArguments,), argv, prog, description=__doc__.splitlines()[0]), prog)
+
+
+def run_eval(args, prog: str = "rcgrpo eval") -> int:
     """Run `rcgrpo eval` (an `EvalArguments`, or the dispatcher's namespace); prints the Markdown table.
     Returns 0.
 
-    Bad input (missing files, bad metadata, bad options) raises ValueError / FileNotFoundError (exit 2 in
-    the CLI); failures while running raise other exceptions (exit 1).
+    Bad input (missing or unreadable files unless `skip_missing`, bad metadata, bad options) raises
+    ValueError / FileNotFoundError (exit 2 in the CLI); failures while running raise other exceptions
+    (exit 1). Skipped examples (`skip_missing`) give one warning line on stderr with their number.
     """
     from ..eval.evaluate import evaluate
     from ..eval.results import format_markdown
@@ -112,10 +128,15 @@ def run_eval(args) -> int:
                        tasks=args.task_list(), steps=args.steps, guidance_scale=args.guidance_scale,
                        resolution=args.resolution, max_sequence_length=args.max_sequence_length, seed=args.seed,
                        limit=args.limit, stale_outputs=args.stale_outputs, clip_model=args.clip_model,
-                       lpips_weights=args.lpips_weights, strict=args.strict, fail_on_skipped=args.fail_on_skipped,
+                       lpips_weights=args.lpips_weights, strict=args.strict, fail_on_skipped=not args.skip_missing,
                        eval_size=args.eval_size, device=args.device)
     print(format_markdown(results), end="")
+    skipped = results.get("skipped", [])
+    if skipped:
+        total = results.get("average", {}).get("count", 0) + len(skipped)
+        print(f"{prog}: warning: {len(skipped)} of {total} example(s) skipped (missing or unreadable files, "
+              f"e.g. {skipped[0]['id']}); listed in {args.output_dir}/results.md", file=sys.stderr)
     return 0
 
 
-__all__ = ["EvalArguments", "add_eval_arguments", "parse_eval_args", "run_eval"]
+__all__ = ["EvalArguments", "add_eval_arguments", "main", "parse_eval_args", "run_eval"]

@@ -3,24 +3,47 @@
 Every command describes its options as dataclasses whose fields carry `metadata={"help": ...}`:
 `--field-name` and `--field_name` both work, booleans are switches (`--flag`, `--no-flag` for those
 that default to true, or `--flag true|false`), `Literal` types list their choices, lists take several
-values, and `--help` shows every default. Bad usage raises `UsageError` (exit status 2 in `rcgrpo`).
+values, and `--help` shows every default. Float options take finite numbers only (`nan`, `inf` and
+`-inf` are refused while parsing, naming the flag). Bad usage raises `UsageError` (exit status 2 in
+`rcgrpo`).
 """
 from __future__ import annotations
 
+import argparse
+import math
 import re
 
 from transformers import HfArgumentParser
 
 _INVALID = re.compile(r"argument (--[\w.]+)(?:/(--[\w.-]+))?: invalid (\w+) value: (.*)")
 _CHOICE = re.compile(r"argument (--[\w.]+)(?:/(--[\w.-]+))?: invalid choice: (.*)")
+_OTHER = re.compile(r"argument (--[\w.]+)(?:/(--[\w.-]+))?: (.*)")
 
 
 class UsageError(Exception):
     """Bad command-line usage (exit status 2)."""
 
 
+def finite_float(text) -> float:
+    """argparse type of float options: a finite number (`nan`, `inf`, `-inf` refused)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected float, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 class CommandParser(HfArgumentParser):
-    """HfArgumentParser whose errors raise `UsageError` with the flag spelled with dashes."""
+    """HfArgumentParser whose errors raise `UsageError` with the flag spelled with dashes, and whose float
+    options refuse non-finite numbers."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        for action in self._actions:
+            if action.type is float:
+                action.type = finite_float
 
     def error(self, message):  # argparse would print the usage and exit by itself
         match = _INVALID.match(message)
@@ -30,6 +53,9 @@ class CommandParser(HfArgumentParser):
         match = _CHOICE.match(message)
         if match:
             message = f"{match.group(2) or match.group(1)}: invalid choice: {match.group(3)}"
+        match = _OTHER.match(message)
+        if match:
+            message = f"{match.group(2) or match.group(1)}: {match.group(3)}"
         raise UsageError(f"{self.prog}: {message}")
 
 
@@ -47,4 +73,4 @@ def parse(dataclass_types, argv: list[str], prog: str, description: str | None =
     return parsed[0] if len(parsed) == 1 else parsed
 
 
-__all__ = ["CommandParser", "UsageError", "build_parser", "parse"]
+__all__ = ["CommandParser", "UsageError", "build_parser", "finite_float", "parse"]

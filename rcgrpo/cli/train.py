@@ -11,6 +11,7 @@ Every `RCGRPOConfig` field is a flag (`rcgrpo train --help` lists them with thei
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,32 +35,73 @@ class TrainCommandArguments:
 
 def base_values(command: TrainCommandArguments) -> dict:
     """The config values under the flags: preset, then YAML, or the resumed checkpoint's config."""
+    return _base_values(command)[0]
+
+
+def _base_values(command: TrainCommandArguments) -> tuple[dict, dict]:
+    """(values, origins): the config values under the flags and, per field, where its value came from
+    ("preset 'tiny'", "config file 'x.yaml', line 3: max_steps", "checkpoint 'runs/a/checkpoint-2'")."""
     values: dict = {}
+    origins: dict = {}
     if command.preset:
         if command.preset not in PRESETS:
             raise ValueError(f"--preset {command.preset!r}: unknown preset; choose one of {sorted(PRESETS)}")
         values.update(PRESETS[command.preset])
+        origins.update({k: f"preset {command.preset!r}: {k}" for k in PRESETS[command.preset]})
     if command.config:
-        values.update(RCGRPOConfig.read_yaml(command.config))
+        from ..train.config import yaml_key_lines
+
+        read = RCGRPOConfig.read_yaml(command.config)
+        lines = yaml_key_lines(command.config)
+        values.update(read)
+        origins.update({k: f"config file {command.config!r}, line {lines.get(k, '?')}: {k}" for k in read})
     if command.resume and not command.config and not command.preset:
         from ..train.checkpoints import find_checkpoint, read_trainer_state
 
-        saved = read_trainer_state(find_checkpoint(command.resume)).get("config", {})
+        checkpoint = find_checkpoint(command.resume)
+        saved = read_trainer_state(checkpoint).get("config", {})
         known = {f.name for f in dataclasses.fields(RCGRPOConfig)}
         values.update({k: v for k, v in saved.items() if k in known})
+        origins.update({k: f"the config of checkpoint {str(checkpoint)!r}: {k}" for k in saved if k in known})
     if command.resume:
-        values.setdefault("output_dir", _run_dir(command.resume))
-    return values
+        # The run continues where it was found (a copied or moved run writes into the copy, never into
+        # the output_dir stored in its checkpoint); an --output-dir flag still wins over this default.
+        values["output_dir"] = _run_dir(command.resume)
+        origins["output_dir"] = f"--resume {command.resume!r}"
+    return values, origins
 
 
 def parse_train_args(argv: list[str], prog: str = "rcgrpo train") -> tuple[TrainCommandArguments, RCGRPOConfig]:
     """(command options, config): a first pass reads --preset/--config/--resume, whose values become the
-    defaults of the second pass over every flag."""
+    defaults of the second pass over every flag. A config value out of range is reported under the flag
+    that set it, or else the preset, YAML file (with the line) or checkpoint it came from."""
     first = build_parser((TrainCommandArguments,), prog)
     known, _ = first.parse_known_args([a for a in argv if a not in ("-h", "--help")])
-    defaults = base_values(TrainCommandArguments(**vars(known)))
-    return parse((TrainCommandArguments, RCGRPOConfig), argv, prog, defaults=defaults,
-                 description="RC-GRPO training of a LoRA on an image editor (FLUX.1-Kontext, Qwen-Image-Edit).")
+    defaults, origins = _base_values(TrainCommandArguments(**vars(known)))
+    try:
+        return parse((TrainCommandArguments, RCGRPOConfig), argv, prog, defaults=defaults,
+                     description="RC-GRPO training of a LoRA on an image editor (FLUX.1-Kontext, Qwen-Image-Edit).")
+    except ValueError as exc:
+        raise _attributed(exc, argv, origins) from None
+
+
+_CONFIG_ERROR = re.compile(r"^config (\w+): (.*)$", re.S)
+
+
+def _attributed(exc: ValueError, argv: list[str], origins: dict) -> ValueError:
+    """`exc` ("config <field>: ...") reworded to name where the field's value came from: its flag when
+    it was given on the command line, else its preset, YAML file and line, or checkpoint."""
+    match = _CONFIG_ERROR.match(str(exc))
+    if not match:
+        return exc
+    name, rest = match.groups()
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}", f"--no-{name.replace('_', '-')}", f"--no_{name}"}
+    flag = next((a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in spellings), None)
+    if flag is not None:
+        return ValueError(f"--{name.replace('_', '-')}: {rest}")
+    if name in origins:
+        return ValueError(f"{origins[name]}: {rest}")
+    return exc
 
 
 def main(argv: list[str], prog: str = "rcgrpo train") -> int:
@@ -86,7 +128,7 @@ def main(argv: list[str], prog: str = "rcgrpo train") -> int:
         trainer.resume(command.resume)
         changed = trainer.resume_changes
         if main_process:
-            print(f"resumed from step {trainer.step}"
+            print(f"resumed from step {trainer.step}, writing to {trainer.output_dir}"
                   + ("; changed: " + ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changed.items()) if changed else ""))
     before = trainer.evaluate() if command.report else None
     start = time.perf_counter()

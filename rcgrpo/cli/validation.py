@@ -45,8 +45,8 @@ def check_input_file(path, option: str) -> Path:
 def check_lora_file(path, option: str = "--lora") -> Path:
     """A LoRA directory/file whose safetensors header holds complete lora_A/lora_B pairs of one rank
     (read from the header, no tensor loaded); its modules and shapes are checked against the model by
-    `rcgrpo.flux.pipeline.load_lora` once the model is loaded, before any rollout."""
-    from ..flux.pipeline import lora_file, lora_layers, read_lora_shapes
+    `rcgrpo.editors.lora.load_lora` once the model is loaded, before any rollout."""
+    from ..editors.lora import lora_file, lora_layers, read_lora_shapes
 
     file = lora_file(path, option)
     if not os.access(file, os.R_OK):

@@ -85,11 +85,13 @@ def estimate_memory(
     acd_backend: str = "triton",
     device_type: str = "cuda",
     groups: int = 1,
+    token_px: int = 16,
 ) -> MemoryEstimate:
     """Analytic peak memory of one RC-GRPO iteration (bytes), as the sum of the terms live in each phase.
 
     Symbols: e = bytes per element of the model dtype; d = hidden size; L_d, L_s = double and single
-    blocks; N_img = N_ctx = (resolution/16)² image tokens, N_txt = text_len, S = N_txt + N_img + N_ctx;
+    blocks; N_img = N_ctx = (resolution/token_px)² image tokens (token_px = 2 × the VAE scale factor ×
+    the patch size: 16 for FLUX.1), N_txt = text_len, S = N_txt + N_img + N_ctx;
     C = latent channels after packing (64); G, B, T, n = group, anchors, ODE steps, train steps;
     c = min(train_step_chunk, n); b = B·c samples per backward; n_g = groups per device and optimizer
     step (groups_per_step × gradient_accumulation_steps): the trainer rolls them all out, then updates
@@ -106,8 +108,9 @@ def estimate_memory(
                                 in fp32; the rollout runs without autocast), x = the ACD op's scratch
                                 (C++: fp32 copies of q, k, v, out = 16 + e bytes; Triton: 0); eager ACD
                                 adds H·S²·(2e + 4) (logits, fp32 softmax, cast; one sample at a time)
-        VAE encode              6·G·H·W·128·e (the pipeline encodes the context image once per candidate)
-        VAE decode              4·G·H·W·256·e (all G finals decoded in one batch)
+        VAE encode              6·G·H·W·w·e, w = the VAE's first block width (128 for FLUX.1; the
+                                pipeline encodes the context image once per candidate)
+        VAE decode              4·G·H·W·2w·e (all G finals decoded in one batch)
         update activations      b·S·d·e·(a_d·L_d + a_s·L_s + 10) without checkpointing,
                                 b·S·d·e·(L_d + L_s + r) with it (one block input kept per block,
                                 one block recomputed); (a_d, a_s, r) = (18, 16, 32) with bf16 autocast
@@ -122,8 +125,8 @@ def estimate_memory(
     """
     if dtype not in ("bf16", "fp32"):
         raise ValueError(f"dtype must be 'bf16' or 'fp32', got {dtype!r}")
-    if resolution % 16 or resolution < 16:
-        raise ValueError(f"resolution must be a multiple of 16, got {resolution}")
+    if resolution % token_px or resolution < token_px:
+        raise ValueError(f"resolution must be a multiple of {token_px}, got {resolution}")
     e = 2 if dtype == "bf16" else 4
     if autocast is None:
         autocast = dtype == "bf16" and device_type == "cuda"
@@ -133,7 +136,7 @@ def estimate_memory(
     heads = cfg["num_attention_heads"]
     n_double, n_single = cfg["num_layers"], cfg["num_single_layers"]
     channels = cfg["in_channels"]
-    n_img = (resolution // 16) ** 2
+    n_img = (resolution // token_px) ** 2
     n_txt = text_len
     seq = n_txt + 2 * n_img
     G, B, T, n = group_size, num_anchors, num_steps, train_steps
@@ -177,12 +180,13 @@ def estimate_memory(
         add("acd_eager", "rollout: eager ACD attention weights", eager,
             f"H {heads} x S² {seq}² x (2x{e} + 4) B, one sample at a time", ("rollout",))
     height = width = resolution
-    vae_enc = VAE_ENCODE_COEF * G * height * width * 128 * e
+    width0 = int((vae_config or {}).get("block_out_channels", [128])[0])
+    vae_enc = VAE_ENCODE_COEF * G * height * width * width0 * e
     add("vae_encode", "VAE encode (G context images)", vae_enc,
-        f"{VAE_ENCODE_COEF} x G {G} x {height}x{width} x 128 x {e} B", ("rollout",))
-    vae_dec = VAE_DECODE_COEF * G * height * width * 256 * e
+        f"{VAE_ENCODE_COEF} x G {G} x {height}x{width} x {width0} x {e} B", ("rollout",))
+    vae_dec = VAE_DECODE_COEF * G * height * width * 2 * width0 * e
     add("vae_decode", "VAE decode (G finals)", vae_dec,
-        f"{VAE_DECODE_COEF} x G {G} x {height}x{width} x 256 x {e} B", ("decode",))
+        f"{VAE_DECODE_COEF} x G {G} x {height}x{width} x {2 * width0} x {e} B", ("decode",))
 
     if gradient_checkpointing:
         r = CKPT_RECOMPUTE_COEF[mode]
@@ -216,6 +220,7 @@ def estimate_memory(
                   autocast=autocast, gradient_checkpointing=gradient_checkpointing, offload_states=offload_states,
                   acd=acd, acd_backend=acd_backend, device_type=device_type, num_layers=n_double,
                   num_single_layers=n_single, tokens=dict(text=n_txt, image=n_img, context=n_img, total=seq),
+                  token_px=token_px,
                   note="sizes in bytes")
     return MemoryEstimate(terms=terms, phase_peaks=phase_peaks, inputs=inputs)
 

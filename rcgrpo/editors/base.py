@@ -132,9 +132,15 @@ class Editor(ABC):
     def latent_channels(self) -> int:
         """C: channels of one packed latent token."""
 
-    @abstractmethod
     def edit_size(self, height: int, width: int, target: int, *, keep_aspect: bool = True) -> tuple[int, int]:
         """(h, w) at which the family edits a `height`×`width` image at about `target`² pixels."""
+        return type(self).size_for(height, width, target, self.size_multiple, keep_aspect=keep_aspect)
+
+    @classmethod
+    @abstractmethod
+    def size_for(cls, height: int, width: int, target: int, size_multiple: int, *,
+                 keep_aspect: bool = True) -> tuple[int, int]:
+        """`edit_size` from the token size alone (known from the model's config files before it loads)."""
 
     # ------------------------------------------------------------------ conditions
     @abstractmethod

@@ -36,17 +36,21 @@ class NamedModel:
 
     factory: Callable[..., Editor]
     defaults: ModelDefaults
+    pipeline_class: str  # the diffusers pipeline class it builds (a key of FAMILIES)
     description: str = ""
 
 
 _NAMED: dict[str, NamedModel] = {}
 
 
-def register_model(name: str, factory: Callable[..., Editor], defaults: ModelDefaults, description: str = "") -> None:
-    """Make `--model name` load `factory(device=..., dtype=..., seed=...)` (an Editor)."""
+def register_model(name: str, factory: Callable[..., Editor], defaults: ModelDefaults, pipeline_class: str,
+                   description: str = "") -> None:
+    """Make `--model name` load `factory(device=..., dtype=..., seed=...)` (an Editor of `pipeline_class`)."""
     if not name or "/" in name:
         raise ValueError(f"model names are plain words, got {name!r}")
-    _NAMED[name] = NamedModel(factory, defaults, description)
+    if pipeline_class not in FAMILIES:
+        raise ValueError(f"register_model({name!r}): pipeline class {pipeline_class!r} is not one of {', '.join(FAMILIES)}")
+    _NAMED[name] = NamedModel(factory, defaults, pipeline_class, description)
 
 
 def registered_models() -> dict[str, NamedModel]:
@@ -118,6 +122,18 @@ def model_defaults(model: str | None) -> ModelDefaults:
     return editor_class(pipeline_class_of(name)).family_defaults()
 
 
+def expected_editor_class(model: str | None) -> type[Editor] | None:
+    """The Editor class `load_editor(model)` will return, from the registry or `model_index.json`; None when
+    that cannot be known without loading (an uncached hub id)."""
+    name = model or "tiny"
+    if name in _NAMED:
+        return editor_class(_NAMED[name].pipeline_class)
+    try:
+        return editor_class(pipeline_class_of(name))
+    except ValueError:
+        return None
+
+
 def load_editor(model: str | None, *, device: str | None = None, dtype: torch.dtype | None = None,
                 seed: int = 0) -> Editor:
     """The Editor of `--model` (see the module docstring; None means "tiny")."""
@@ -160,5 +176,6 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
-__all__ = ["FAMILIES", "NamedModel", "default_device", "editor_class", "editor_for_pipeline", "load_editor",
+__all__ = ["FAMILIES", "NamedModel", "default_device", "editor_class", "editor_for_pipeline", "expected_editor_class",
+           "load_editor",
            "model_defaults", "pipeline_class_of", "register_model", "registered_models"]

@@ -159,6 +159,25 @@ def check_lora_layers(pipe, layers: list[LoraLayer], where: str) -> None:
         raise ValueError(f"{where}: {problems[0]}{more}")
 
 
+def _load_tensors(file: Path, option: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{option}: {str(file)!r} is not a valid safetensors file ({exc})") from None
+
+
+def _check_finite(tensors: dict, file: Path, option: str) -> None:
+    """ValueError naming the file and the first tensor that holds NaN or ±inf."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{option}: {str(file)!r}: tensor {key!r} holds {bad} non-finite value(s) (NaN or "
+                             f"±inf) of {tensor.numel()}; these LoRA weights cannot be used")
+
+
 def load_lora(pipe, path, *, option: str = "--lora") -> None:
     """Load diffusers-format LoRA weights (a directory holding pytorch_lora_weights.safetensors, or the file).
 
@@ -168,22 +187,19 @@ def load_lora(pipe, path, *, option: str = "--lora") -> None:
     shape A for module M of this model, the file has B" (or "module M does not exist in this model").
     peft's key forms (`.lora_A.default.weight`, keys without the `transformer.` prefix), which diffusers
     would skip without a word, are renamed to diffusers' form. Other LoRA formats (kohya, BFL) are left to
-    diffusers' converters unchecked.
+    diffusers' converters unchecked. A tensor holding NaN or ±inf (any format) is refused with ValueError
+    naming the file and the tensor.
     """
     where = f"{option} {str(path)!r}"
     file = lora_file(path, option)
     layers = lora_layers(read_lora_shapes(file, option), where)
     if layers is None:
+        _check_finite(_load_tensors(file, option), file, option)
         pipe.load_lora_weights(str(file.parent), weight_name=file.name)
         return
     check_lora_layers(pipe, layers, where)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(file))
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{option}: {str(file)!r} is not a valid safetensors file ({exc})") from None
+    tensors = _load_tensors(file, option)
+    _check_finite(tensors, file, option)
     state = {layer.diffusers_key(part): tensors[layer.keys[part]] for layer in layers for part in ("lora_A", "lora_B")}
     pipe.load_lora_weights(state)
     missing = [layer.module for layer in layers

@@ -80,7 +80,8 @@ class CompBenchRecord:
 
 @dataclass
 class CompBenchExample:
-    """One example, loaded: `source` (PIL RGB), `mask` (`[H, W]` float in [0, 1], 1 = edit region)."""
+    """One example, loaded: `source` (PIL RGB), `mask` (`[H, W]` float in [0, 1], 1 = edit region; an 8-bit
+    mask is /255 unless its maximum is 1, a 0/1 mask)."""
 
     id: str
     task: str
@@ -341,7 +342,9 @@ class CompBenchDataset:
             height, width = self.resolution
             source = source.resize((width, height), Image.Resampling.BICUBIC)
             mask_img = mask_img.resize((width, height), Image.Resampling.NEAREST)
-        mask = torch.from_numpy(np.asarray(mask_img, dtype=np.float32) / 255.0)
+        values = np.asarray(mask_img, dtype=np.float32)
+        # 0/255 masks, or 0/1 ones (maximum 1: 1 = edit, as `rcgrpo.io.images` reads masks)
+        mask = torch.from_numpy(values if values.size and values.max() == 1 else values / 255.0)
         return CompBenchExample(id=rec.id, task=rec.task, image_path=rec.image_path, source=source, mask=mask,
                                 instruction=rec.instruction, caption=rec.caption, ground_truth_path=rec.ground_truth_path,
                                 source_path=rec.source_path, mask_path=rec.mask_path, extra=dict(rec.extra))

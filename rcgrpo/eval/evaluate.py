@@ -10,8 +10,11 @@ official `eval_all.py`, example for example.
    `outputs_dir`, existing edits at `DIR/<task>/<image_path>` are scored instead: the official
    `editing_results/<model>/<model>_local/` folder.
 2. Metrics per example: `rcgrpo.eval.metrics` (the official steps; CLIP in `rcgrpo.eval.clip_official`).
-   An example whose source, mask or edit is missing or unreadable is skipped, as the official script
-   does, and listed (`fail_on_skipped=True` makes it an error).
+   An example whose source, mask, edit or ground truth (when present) is missing or unreadable is
+   skipped, as the official script does, and listed (`fail_on_skipped=True`, the CLI's default, makes
+   it an error naming the example; sources and masks are decoded before any generation). A mask that
+   holds only 0 and 1 is read as 1 = edit (as 255), with a `MaskWarning` (the official script would
+   read 1 as 1/255).
 3. Results: per task and the macro average over tasks (`rcgrpo.eval.results`), written atomically to
    `OUT/results.json` and `OUT/results.md` with the conventions that apply.
 
@@ -25,13 +28,16 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from PIL import Image
 
 from ..io.files import atomic_write_text
 from ..io.hub import WeightsUnavailableError
+from ..io.images import MaskWarning
 from ..rewards.background import PSNR_CAP_DB
 from ..rewards.clip import DEFAULT_CLIP_MODEL, ClipEncoder
 from .clip_official import OfficialClip
@@ -140,6 +146,10 @@ def evaluate(data, output_dir, *, pipeline=None, model: str | None = None, lora:
         if missing:
             paths = {"source image": rec.source_path, "mask": rec.mask_path}
             skipped[rec.id] = "; ".join(f"{what} missing ({paths[what]})" for what in missing)
+            continue
+        unreadable = _unreadable(rec)  # before any (slow) generation
+        if unreadable:
+            skipped[rec.id] = unreadable
     _fail_if_skipped(skipped, fail_on_skipped)
 
     # metric models first: with strict=True, missing weights fail before any (slow) generation
@@ -171,6 +181,7 @@ def evaluate(data, output_dir, *, pipeline=None, model: str | None = None, lora:
     _fail_if_skipped(skipped, fail_on_skipped)
 
     per_example, notes = [], []
+    masks_01: list[str] = []
     capped = 0
     start = time.time()
     for rec in dataset.records:
@@ -178,23 +189,24 @@ def evaluate(data, output_dir, *, pipeline=None, model: str | None = None, lora:
             continue
         images = {}
         for what, path, mode in (("source image", rec.source_path, "RGB"), ("mask", rec.mask_path, "L"),
-                                 ("edit", found[rec.id], "RGB")):
+                                 ("edit", found[rec.id], "RGB"), ("ground-truth image", rec.ground_truth_path, "RGB")):
+            if path is None:  # no ground truth in the data: LC-I n/a, as the official script
+                notes.append({"id": rec.id, "note": "no ground-truth image: LC-I n/a"})
+                images[what] = None
+                continue
             try:
                 images[what] = _open(path, mode)
-            except OSError as exc:
-                skipped[rec.id] = f"{what} unreadable ({path}: {exc})"
+            except _UNREADABLE as exc:
+                skipped[rec.id] = f"{what} unreadable ({path}: {_first_line(exc)})"
                 break
         if rec.id in skipped:
             _fail_if_skipped(skipped, fail_on_skipped)
             continue
-        gt = None
-        if rec.ground_truth_path is not None:
-            try:
-                gt = _open(rec.ground_truth_path, "RGB")
-            except OSError as exc:
-                notes.append({"id": rec.id, "note": f"ground truth unreadable ({exc}): LC-I n/a"})
-        else:
-            notes.append({"id": rec.id, "note": "no ground-truth image: LC-I n/a"})
+        if images["mask"].getextrema()[1] == 1:  # a 0/1 mask: 1 = edit, as rcgrpo reads masks everywhere
+            images["mask"] = images["mask"].point(lambda v: 255 if v else 0)
+            masks_01.append(rec.id)
+            notes.append({"id": rec.id, "note": "mask of 0/1 values: read as 1 = edit region (255)"})
+        gt = images["ground-truth image"]
         example_notes: list[str] = []
         metrics = compute_example_metrics(images["source image"], images["edit"], images["mask"], gt, [rec.caption],
                                           size=eval_size, clip=clip_scorer, lpips=lpips_fn, device=dev,
@@ -206,10 +218,14 @@ def evaluate(data, output_dir, *, pipeline=None, model: str | None = None, lora:
         per_example.append({"id": rec.id, "task": rec.task, "output": str(found[rec.id]), **values})
     log(f"scored {len(per_example)} example(s) in {time.time() - start:.1f} s"
         + (f"; {len(skipped)} skipped" if skipped else ""))
+    if masks_01:
+        warnings.warn(f"{len(masks_01)} mask(s) hold only the values 0 and 1 (e.g. {masks_01[0]}): read as 0/1 "
+                      "masks, 1 = edit region (as 255); CompBench's eval_all.py would read 1 as 1/255 and count "
+                      "the edit region as background", MaskWarning, stacklevel=2)
 
     per_task, average = aggregate(per_example, dataset.tasks)
     settings = {"data": str(dataset.root), "tasks": list(dataset.tasks), "limit_per_task": limit,
-                "eval_size": eval_size, "psnr_cap_db": PSNR_CAP_DB, "psnr_capped": capped,
+                "eval_size": eval_size, "psnr_cap_db": PSNR_CAP_DB, "psnr_capped": capped, "masks_01": len(masks_01),
                 "clip_model": None if clip_scorer is None else clip_scorer.name,
                 "lpips": lpips_kind or None, "outputs": str(outputs_root), "generation": generation}
     results = {
@@ -231,11 +247,29 @@ def evaluate(data, output_dir, *, pipeline=None, model: str | None = None, lora:
     return results
 
 
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _unreadable(rec: CompBenchRecord) -> str | None:
+    """Why the source image or mask of `rec` cannot be decoded ("mask unreadable (...)"), or None."""
+    for what, path, mode in (("source image", rec.source_path, "RGB"), ("mask", rec.mask_path, "L")):
+        try:
+            _open(path, mode)
+        except _UNREADABLE as exc:
+            return f"{what} unreadable ({path}: {_first_line(exc)})"
+    return None
+
+
 def _fail_if_skipped(skipped: dict[str, str], fail: bool) -> None:
     if fail and skipped:
         first = next(iter(skipped))
         raise FileNotFoundError(f"{len(skipped)} example(s) cannot be scored, e.g. {first}: {skipped[first]} "
-                                "(without --fail-on-skipped they are skipped and listed in results.md)")
+                                "(--skip-missing skips them and lists them in results.md)")
 
 
 def _load_editor(model: str, device):

@@ -49,7 +49,7 @@ def _register() -> None:
     from ..train.data import register_dataset
     from .editor import shipped_tiny_editor, tiny_editor_defaults
 
-    register_model("tiny-editor", shipped_tiny_editor, tiny_editor_defaults(),
+    register_model("tiny-editor", shipped_tiny_editor, tiny_editor_defaults(), "FluxKontextPipeline",
                    "the pretrained tiny MiniBench editor (64 px Kontext architecture)")
     register_dataset("minibench", _datasets)
     register_reward("minibench", minibench_reward)

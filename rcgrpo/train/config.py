@@ -3,9 +3,11 @@
 A dataclass in the style of TRL's configs: each field's `metadata["help"]` documents it, choices are
 `Literal` types, so `transformers.HfArgumentParser` turns it into flags (`--learning-rate 5e-5`,
 `--gradient-checkpointing` / `--no-gradient-checkpointing`, `--reward-funcs a b`) with every default
-shown in `--help`. YAML files (safe_load) set the same fields; unknown keys and wrong types are errors,
-and numbers written the usual way (`1e-4`, which YAML 1.1 reads as a string) are accepted. Range
-checks live in `validate()`, which runs on construction. Presets give complete starting points.
+shown in `--help`. YAML files (safe_load) set the same fields; unknown or repeated keys, wrong types
+(quoted strings where booleans or numbers are expected) and non-finite numbers are errors naming the
+file, key and line, and numbers written the usual way (`1e-4`, which YAML 1.1 reads as a string) are
+accepted. Every float field refuses NaN and ±inf. Range checks live in `validate()`, which runs on
+construction. Presets give complete starting points.
 """
 from __future__ import annotations
 
@@ -256,20 +258,36 @@ class RCGRPOConfig:
 
     @classmethod
     def read_yaml(cls, path) -> dict:
-        """The field values of a YAML file (checked: a mapping of known fields)."""
+        """The field values of a YAML file, each checked against its field (`check_yaml_value`): a mapping
+        of known fields, no key twice, the field's type (no quoted strings for booleans and numbers;
+        `1e-4` written plainly is a number), finite numbers, the field's choices. Errors name the file,
+        the key and its line. Range checks that involve several fields stay in `validate()`."""
         path = Path(path)
+        where = f"config file {str(path)!r}"
         if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+            raise FileNotFoundError(f"{where} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{where} cannot be read ({exc})") from None
+        try:
+            lines, plain = _yaml_key_lines(text, where)
+            values = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ValueError(f"config file {str(path)!r} is not valid YAML ({exc})") from None
+            detail = " ".join(str(exc).split())
+            raise ValueError(f"{where} is not valid YAML ({detail})") from None
+        values = {} if values is None else values
         if not isinstance(values, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value")
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+            raise ValueError(f"{where} must hold a mapping of field: value, got {type(values).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(map(str, values)) - names)
         if unknown:
-            raise ValueError(f"config file {str(path)!r}: unknown keys {unknown}; known keys are the fields of RCGRPOConfig")
-        return values
+            first = unknown[0]
+            raise ValueError(f"{where}: unknown keys {unknown} (line {lines.get(first, '?')}); known keys are the "
+                             "fields of RCGRPOConfig")
+        return {name: check_yaml_value(name, value, f"{where}, line {lines.get(name, '?')}: {name}",
+                                       plain=plain.get(name, True))
+                for name, value in values.items()}
 
     @classmethod
     def from_yaml(cls, path) -> "RCGRPOConfig":
@@ -392,6 +410,95 @@ def _coerce(name, value, kind):
     return value
 
 
+def _yaml_key_lines(text: str, where: str) -> tuple[dict, dict]:
+    """({key: 1-based line}, {key: whether its value is written plainly, i.e. without quotes}) of the
+    top-level mapping of a YAML document; ValueError naming the key and both lines when a key appears
+    twice (PyYAML would keep the last value silently). Reads the node graph only (`yaml.compose` with
+    the safe loader), no object is constructed."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    lines: dict = {}
+    plain: dict = {}
+    if not isinstance(root, yaml.MappingNode):
+        return lines, plain
+    for key_node, value_node in root.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        if key is None:
+            continue
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise ValueError(f"{where}: key {key!r} appears twice (lines {lines[key]} and {line}); keep one")
+        lines[key] = line
+        if isinstance(value_node, yaml.ScalarNode):
+            plain[key] = value_node.style is None
+        elif isinstance(value_node, yaml.SequenceNode):
+            plain[key] = all(not isinstance(v, yaml.ScalarNode) or v.style is None for v in value_node.value)
+    return lines, plain
+
+
+def yaml_key_lines(path) -> dict:
+    """{key: 1-based line} of the top-level keys of a YAML file ({} when it cannot be read)."""
+    try:
+        return _yaml_key_lines(Path(path).read_text(), str(path))[0]
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
+        return {}
+
+
+def _yaml_number(value, kind, where: str, plain: bool):
+    """A YAML value for an int or float field: the number, or ValueError naming `where`."""
+    expected = kind.__name__
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{where}: expected {expected}, got {type(value).__name__} {value!r}")
+    if isinstance(value, str):
+        if not plain:
+            raise ValueError(f"{where}: expected {expected}, got the quoted string {value!r} (write numbers "
+                             "without quotes)")
+        try:  # YAML 1.1 reads plain `1e-4` (no dot) as a string: a number written the usual way
+            value = float(value) if kind is float else int(value, 10)
+        except ValueError:
+            raise ValueError(f"{where}: expected {expected}, got the string {value!r}") from None
+    if kind is int and isinstance(value, float):
+        raise ValueError(f"{where}: expected int, got {value!r}")
+    if kind is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
+    return value
+
+
+def check_yaml_value(name: str, value, where: str, *, plain: bool = True):
+    """The value of field `name` read from a YAML file, checked and converted (floats as floats), or
+    ValueError naming `where` (the file, key and line). `plain`: the scalar was written without quotes."""
+    kind = _field_type(next(f for f in dataclasses.fields(RCGRPOConfig) if f.name == name))
+    if value is None:
+        if _optional(name):
+            return None
+        raise ValueError(f"{where}: expected a value, got nothing (null)")
+    if kind is bool:
+        if not isinstance(value, bool):
+            shown = f"the string {value!r}" if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+            raise ValueError(f"{where}: expected true or false, got {shown}")
+        return value
+    if kind in (int, float):
+        return _yaml_number(value, kind, where, plain)
+    if kind is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        if name == "reward_weights":
+            return [_yaml_number(v, float, f"{where}, item {i}", plain) for i, v in enumerate(value)]
+        bad = next((v for v in value if not isinstance(v, str)), None)
+        if bad is not None:
+            raise ValueError(f"{where}: expected a list of strings, got the item {bad!r}")
+        return list(value)
+    if name == "train_timesteps" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if kind is str and not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+    choices = _choices(name)
+    if choices and value not in choices:
+        raise ValueError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
 def _check_type(name, value, kind):
     if value is None and _optional(name):
         return
@@ -406,6 +513,10 @@ def _check_type(name, value, kind):
         ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     if not ok:
         raise ValueError(f"config {name}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"config {name}: expected a finite number, got {value!r}")
+    if kind is list and name == "reward_weights" and not all(math.isfinite(v) for v in value):
+        raise ValueError(f"config {name}: expected finite numbers, got {value!r}")
     choices = _choices(name)
     if choices and value not in choices:
         raise ValueError(f"config {name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")

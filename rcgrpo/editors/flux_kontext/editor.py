@@ -60,12 +60,14 @@ class FluxKontextEditor(Editor):
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels
 
-    def edit_size(self, height: int, width: int, target: int, *, keep_aspect: bool = True) -> tuple[int, int]:
+    @classmethod
+    def size_for(cls, height: int, width: int, target: int, size_multiple: int, *,
+                 keep_aspect: bool = True) -> tuple[int, int]:
         """Kontext's preferred bucket of the nearest aspect ratio scaled to `target`² (the tiny models, 64 px
         and below: the exact aspect at that area), or `target`×`target` without `keep_aspect`."""
         if not keep_aspect:
             return target, target
-        return edit_size(height, width, target=target, multiple=self.size_multiple)
+        return edit_size(height, width, target=target, multiple=size_multiple)
 
     # ------------------------------------------------------------------ conditions
     def encode_text(self, instruction: str, image=None, *, max_sequence_length: int, acd_text_tokens: str = "prompt",

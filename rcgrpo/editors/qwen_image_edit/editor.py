@@ -71,12 +71,14 @@ class QwenImageEditor(Editor):
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels
 
-    def edit_size(self, height: int, width: int, target: int, *, keep_aspect: bool = True) -> tuple[int, int]:
+    @classmethod
+    def size_for(cls, height: int, width: int, target: int, size_multiple: int, *,
+                 keep_aspect: bool = True) -> tuple[int, int]:
         """(h, w) of about `target`² px with the image's aspect (or square), rounded as the pipelines'
         `calculate_dimensions` rounds (32 px, or the size multiple if that is coarser)."""
         from ...io.images import fit_size
 
-        multiple = math.lcm(CALCULATE_DIMENSIONS_MULTIPLE, self.size_multiple)
+        multiple = math.lcm(CALCULATE_DIMENSIONS_MULTIPLE, size_multiple)
         if keep_aspect:
             return fit_size(height, width, area=target * target, multiple=multiple)
         return fit_size(1, 1, area=target * target, multiple=multiple)
