@@ -428,6 +428,7 @@ def _flux_model_dir(tmp_path) -> Path:
                            ("text_encoder_2", {"d_model": spec["text_dim"]})):
         (tmp_path / "flux" / component).mkdir(parents=True)
         (tmp_path / "flux" / component / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxKontextPipeline"}))
     return tmp_path / "flux"
 
 

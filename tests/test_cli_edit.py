@@ -28,7 +28,11 @@ def test_edit_default_example_reports_both_schemes_and_saves_images(tmp_path, ca
 
 
 def test_edit_size_keeps_aspect_with_the_models_buckets():
-    from rcgrpo.cli.edit import edit_size
+    from rcgrpo.editors.flux_kontext import FluxKontextEditor
+    from rcgrpo.editors.qwen_image_edit import QwenImageEditor
+
+    def edit_size(height, width, resolution, vae_scale_factor):
+        return FluxKontextEditor.size_for(height, width, resolution, 2 * vae_scale_factor)
 
     assert edit_size(3000, 4000, 1024, 8) == (880, 1184)  # FLUX.1-Kontext: diffusers' landscape bucket
     assert edit_size(4000, 3000, 1024, 8) == (1184, 880)
@@ -37,6 +41,9 @@ def test_edit_size_keeps_aspect_with_the_models_buckets():
     assert (h, w) == (448, 592) and h % 16 == 0 and w % 16 == 0
     assert edit_size(48, 64, 32, 2) == (28, 36)  # tiny: area 32², sides multiples of 4
     assert edit_size(64, 64, 64, 2) == (64, 64)
+    # Qwen-Image-Edit: the pipelines' calculate_dimensions rounding (32 px) at the target area
+    h, w = QwenImageEditor.size_for(3000, 4000, 1024, 16)
+    assert h % 32 == 0 and w % 32 == 0 and abs(h * w - 1024**2) < 0.05 * 1024**2 and abs(w / h - 4 / 3) < 0.05
 
 
 def test_edit_writes_labelled_scheme_grids(tmp_path, capsys):
