@@ -12,7 +12,13 @@ Every reward is a plain callable
   edited region, `"reference"`: a reference/ground-truth image as a `[3, H, W]` tensor in [0, 1], a PIL
   image or a file path, `"id"`, `"task"`, ...).
 
-Higher is better for every reward. Provided here:
+Higher is better for every reward. A reward that waits on another process or machine declares it with
+a class or function attribute `asynchronous = True`: the trainer then calls it from a background
+thread while it rolls out the step's next group (`rcgrpo.train.scoring`), so it must be safe to call
+concurrently with itself, and it receives CPU tensors. An optional int attribute `retry_count` (requests
+resent so far) is logged per step as `reward/retries`. Everything else runs inline, as called.
+
+Provided here:
 
 - `background_psnr`, `background_ssim`: PSNR / SSIM (data range 1, torchmetrics) of the edited image vs
   the source with the masked region zeroed in both, per example (CompBench's convention: the zeroed
@@ -22,7 +28,10 @@ Higher is better for every reward. Provided here:
   description (`metadata["caption"]`, else the instruction).
 - `ClipLocalImageReward` (LC-I): cosine of CLIP image embeddings of the bounding-box crops of the edited
   image and of `metadata["reference"]`.
-- `EditScoreClient`: scores from an EditScore reward server over HTTP (`rcgrpo.rewards.server`).
+- `EditScoreClient`: scores from an EditScore reward server over HTTP (`rcgrpo.rewards.server`);
+  asynchronous.
+- `EditScorePool`: the same over several servers, least outstanding requests first, a failing server
+  set aside and its batch resent to another (`rcgrpo.rewards.pool`); asynchronous.
 - `WeightedReward([(fn, w), ...])`: the weighted sum, with each function's values kept for logging.
 - `check_reward_output(values, batch, name)`: validates what a reward returned.
 - `resolve_reward(name_or_callable, **kwargs)`: names → reward callables.
@@ -36,6 +45,7 @@ from .clip import (CLIP_MEAN, CLIP_STD, DEFAULT_CLIP_MODEL, ClipEncoder, ClipLoc
                    clip_preprocess, crop_to_bbox, mask_bbox)
 from .codec import decode_png_base64, encode_png_base64
 from .editscore import EditScoreClient, RewardServerError, redact_url
+from .pool import EditScorePool, RewardsUnavailableError, split_urls
 from .registry import REWARD_NAMES, WeightedReward, resolve_reward
 
 __all__ = [
@@ -48,8 +58,10 @@ __all__ = [
     "ClipLocalImageReward",
     "ClipLocalTextReward",
     "EditScoreClient",
+    "EditScorePool",
     "RewardFn",
     "RewardServerError",
+    "RewardsUnavailableError",
     "WeightedReward",
     "WeightsUnavailableError",
     "background_psnr",
@@ -66,4 +78,5 @@ __all__ = [
     "redact_url",
     "resolve_reward",
     "reward_name",
+    "split_urls",
 ]

@@ -11,6 +11,7 @@ from .background import PSNR_CAP_DB, background_psnr, background_ssim
 from .checks import RewardFn, check_reward_output, reward_name
 from .clip import ClipLocalImageReward, ClipLocalTextReward
 from .editscore import EditScoreClient
+from .pool import EditScorePool, split_urls
 
 
 class WeightedReward:
@@ -18,7 +19,7 @@ class WeightedReward:
 
     `compute_all(...)` returns `{name: values [B]}` for every function (names from `reward_name`, made
     unique with `_2`, `_3`, ...); `__call__` returns the weighted sum and keeps the parts in
-    `self.components` for logging.
+    `self.components` for logging. It is `asynchronous` when every part is.
     """
 
     name = "weighted"
@@ -46,6 +47,14 @@ class WeightedReward:
         if not self.rewards:
             raise ValueError("WeightedReward: give at least one (reward_fn, weight) pair")
         self.components: dict[str, torch.Tensor] = {}
+
+    @property
+    def asynchronous(self) -> bool:
+        return all(getattr(fn, "asynchronous", False) is True for _name, fn, _w in self.rewards)
+
+    @property
+    def retry_count(self) -> int:
+        return sum(int(getattr(fn, "retry_count", 0) or 0) for _name, fn, _w in self.rewards)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -89,7 +98,8 @@ def resolve_reward(name_or_callable, **kwargs) -> RewardFn:
 
     Names: `background_psnr` (kwargs: cap_db), `background_ssim`, `clip_lct` (ClipLocalTextReward
     kwargs, e.g. model=, processor=), `clip_lci` (ClipLocalImageReward kwargs), `editscore`
-    (EditScoreClient kwargs; `url` is required). `"pkg.module:attr"` imports `attr` (called with
+    (`url` is required: one URL gives an EditScoreClient, several (a list, or separated by commas or
+    spaces) an EditScorePool; other kwargs are theirs). `"pkg.module:attr"` imports `attr` (called with
     kwargs when it is a class or factory and kwargs are given).
     """
     if callable(name_or_callable) and not isinstance(name_or_callable, str):
@@ -124,7 +134,8 @@ def resolve_reward(name_or_callable, **kwargs) -> RewardFn:
     if name == "editscore":
         if "url" not in kwargs:
             raise ValueError("resolve_reward: 'editscore' needs url=http://host:port of a running reward server")
-        return EditScoreClient(kwargs.pop("url"), **kwargs)
+        urls = split_urls(kwargs.pop("url"), "resolve_reward: editscore url")
+        return EditScoreClient(urls[0], **kwargs) if len(urls) == 1 else EditScorePool(urls, **kwargs)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -143,7 +154,9 @@ def resolve_reward(name_or_callable, **kwargs) -> RewardFn:
 def reward_funcs_from_config(config) -> list:
     """[(name, callable)] for `config.reward_funcs` (an `RCGRPOConfig`): the names of `resolve_reward`,
     "redness" (the built-in toy task), a registered name (`register_reward`: "minibench" once
-    `rcgrpo.minibench` is imported) or 'module:function'; options come from the config's fields."""
+    `rcgrpo.minibench` is imported) or 'module:function'; options come from the config's fields.
+    'editscore' is an `EditScorePool` over the URLs of `editscore_url` (one URL is a pool of one: a
+    restart of the server is waited for, up to `editscore_timeout`)."""
     funcs = []
     for name in map(str, config.reward_funcs):
         if name == "redness":
@@ -158,8 +171,8 @@ def reward_funcs_from_config(config) -> list:
         elif name == "editscore":
             if not config.editscore_url:
                 raise ValueError("reward 'editscore' needs --editscore-url http://host:port of a running reward server")
-            funcs.append((name, resolve_reward(name, url=config.editscore_url, timeout=config.editscore_timeout,
-                                               batch_size=config.editscore_batch_size)))
+            funcs.append((name, EditScorePool(config.editscore_url, timeout=config.editscore_timeout,
+                                              batch_size=config.editscore_batch_size)))
         elif name in ("clip_lct", "clip_lci"):
             funcs.append((name, resolve_reward(name, model=config.clip_model)))
         else:

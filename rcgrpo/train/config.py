@@ -80,10 +80,17 @@ class RCGRPOConfig:
                                    "editscore, minibench, redness) or 'module:function'",
                                    default_factory=lambda: ["background_psnr"])
     reward_weights: list[float] = _doc("weights of reward_funcs, one each (empty: 1 each)", default_factory=list)
-    editscore_url: str = _doc("URL of an EditScore reward server (python -m rcgrpo.reward_server) for 'editscore'; "
-                              "its token goes in RCGRPO_REWARD_TOKEN or the URL's password", default="")
-    editscore_timeout: float = _doc("seconds to wait for one EditScore request", default=300.0)
+    editscore_url: str = _doc("URL of an EditScore reward server (python -m rcgrpo.reward_server) for 'editscore', "
+                              "or several separated by commas or spaces (in YAML also a list): batches go to the "
+                              "least busy, a failing one is set aside and its batch resent to another; the token "
+                              "goes in RCGRPO_REWARD_TOKEN or each URL's password", default="")
+    editscore_timeout: float = _doc("seconds to wait for one EditScore request, and with no server usable before "
+                                    "the run stops (bad_reward_policy 'skip': the group is skipped)", default=300.0)
     editscore_batch_size: int = _doc("images per EditScore request", default=8)
+    overlap_rewards: bool = _doc("score each group with the remote rewards (EditScore) in the background while the "
+                                 "next group of the step rolls out; results are identical either way", default=True)
+    max_reward_requests_in_flight: int = _doc("remote reward calls (one per group) pending at once per process; "
+                                              "a rollout waits for the oldest beyond", default=4)
     clip_model: str = _doc("CLIP weights for 'clip_lct' / 'clip_lci': hub id, local path or 'tiny-clip'",
                            default="openai/clip-vit-large-patch14")
     w_task: float = _doc("weight of the standardized task reward", default=1.0)
@@ -211,6 +218,11 @@ class RCGRPOConfig:
         need(bool(str(self.output_dir).strip()), "output_dir", "a directory path (not empty)")
         need(self.editscore_timeout > 0, "editscore_timeout", "a value > 0")
         need(self.editscore_batch_size >= 1, "editscore_batch_size", "an int ≥ 1")
+        need(self.max_reward_requests_in_flight >= 1, "max_reward_requests_in_flight", "an int ≥ 1")
+        if self.editscore_url.strip():
+            from ..rewards.pool import split_urls
+
+            split_urls(self.editscore_url, "config editscore_url")  # ValueError naming the bad URL
         trackers = self.trackers()
         need(all(t in REPORT_TO for t in trackers) and ("none" not in trackers or len(trackers) == 1), "report_to",
              f"one or more of {', '.join(REPORT_TO[:-1])} (comma-separated), or none")
@@ -401,6 +413,8 @@ def _coerce(name, value, kind):
             return value  # reported by validate() with the field's name
     if isinstance(value, int) and not isinstance(value, bool) and kind is float:
         return float(value)
+    if name == "editscore_url" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # a YAML list of URLs
     if isinstance(value, tuple) and kind is list:
         return list(value)
     if kind is list and isinstance(value, list) and name == "reward_weights":

@@ -37,13 +37,10 @@ from .distributed import Collectives
 from .ema import LoraEMA
 from .metrics import GroupSummary, MovingAverage, RowLayout, exploration_sums, progress_fields, step_metrics
 from .phases import Phases
+from .scoring import POLICY_ERRORS, BadRewardError, RewardScheduler, check_reward as _check_reward  # noqa: F401
 from .signals import StopRequest
 from .tracking import RunLog, check_trackers, write_run_info
 from .update import SurrogateUpdate
-
-
-class BadRewardError(RuntimeError):
-    """A reward function returned a malformed or non-finite value."""
 
 
 @dataclass
@@ -58,8 +55,8 @@ class GroupRollout:
     conditioning: object
     mask: torch.Tensor  # element mask [D]
     token_mask: torch.Tensor  # [N_img]
-    task_components: dict  # reward name → [G]
-    task_reward: torch.Tensor  # [G] weighted sum of the components
+    task_components: dict  # reward name → [G] (empty until the rewards are in)
+    task_reward: torch.Tensor | None  # [G] weighted sum of the components (None until the rewards are in)
     acd: torch.Tensor | None  # [G]
     images: torch.Tensor  # [G, 3, H, W]
     background_drift: torch.Tensor  # [G − 1]
@@ -76,7 +73,9 @@ class RCGRPOTrainer:
             `editor_for_pipeline`); its transformer gets a LoRA adapter.
         config: `RCGRPOConfig`.
         reward_funcs: callables `(edited, sources, masks, instructions, metadata) -> Tensor[B]`, or
-            `(name, callable)` pairs; weights come from `config.reward_weights` (default 1).
+            `(name, callable)` pairs; weights come from `config.reward_weights` (default 1). Those with
+            `asynchronous = True` (EditScore) score in the background while later groups roll out
+            (`config.overlap_rewards`, `rcgrpo.train.scoring`).
         train_dataset / eval_dataset: indexable datasets of edit examples (see `train.data.as_edit_example`).
         accelerator: an `accelerate.Accelerator` (one is created when None, logging to `config.report_to`).
     """
@@ -101,6 +100,9 @@ class RCGRPOTrainer:
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.reward_funcs = self._named_rewards(reward_funcs)
+        self.phases = Phases()
+        self.scoring = RewardScheduler(self.reward_funcs, overlap=config.overlap_rewards, phases=self.phases,
+                                       max_in_flight=config.max_reward_requests_in_flight)
         self.rows = RowLayout(config.group_size, [name for name, _, _ in self.reward_funcs])
         self.step = 0
         self.nonfinite_in_row = 0
@@ -111,7 +113,6 @@ class RCGRPOTrainer:
         self._step_skips = [0, 0]  # this rank's skipped (groups, examples) in the current step
         self._text_cache: dict = {}
         self.stop = StopRequest()
-        self.phases = Phases()
         self.run_log = RunLog(self.output_dir, accelerator, _config_for_saving(config))
         self.pipe.to(self.device)
         if config.vae_slicing:
@@ -225,8 +226,15 @@ class RCGRPOTrainer:
         return text
 
     # ------------------------------------------------------------------ rollouts and rewards
-    @torch.no_grad()
     def rollout_group(self, slot: int, index: int, step: int) -> GroupRollout | None:
+        """One group rolled out and scored (None when it was skipped)."""
+        group = self._rollout(slot, index, step)
+        scored = self._with_rewards([group] if group is not None else [])
+        return scored[0] if scored else None
+
+    @torch.no_grad()
+    def _rollout(self, slot: int, index: int, step: int) -> GroupRollout | None:
+        """One group rolled out and decoded, its rewards submitted to `self.scoring` (not yet in)."""
         cfg = self.config
         image, pixel_mask, instruction, example_id, metadata = self.edit_input(self.train_dataset[index], index)
         height, width = image.shape[1:]
@@ -264,20 +272,10 @@ class RCGRPOTrainer:
         group = cfg.group_size
         sources = image[None].expand(group, -1, -1, -1).to(images.device)
         masks = pixel_mask[None, None].expand(group, -1, -1, -1).to(images.device)
-        components = {}
         try:
-            with self.phases("reward"):
-                for name, fn, _ in self.reward_funcs:
-                    components[name] = _check_reward(
-                        fn(images, sources, masks, [instruction] * group, [metadata] * group), group, name)
-        except BadRewardError as exc:
-            if cfg.bad_reward_policy == "skip":
-                warnings.warn(f"skipping group of example {example_id!r}: {exc}")
-                self._step_skips[0] += 1
-                self.skipped_groups += 1
-                return None
-            raise
-        task = sum(w * components[name] for name, _, w in self.reward_funcs)
+            self.scoring.submit(slot, images, sources, masks, [instruction] * group, [metadata] * group)
+        except POLICY_ERRORS as exc:
+            return self._skip_group(example_id, exc)
         states = result.states
         drift = background_drift(states[:, -1], token_mask)[1:]
         mask = element_mask(token_mask, channels).to(self.device)
@@ -285,11 +283,34 @@ class RCGRPOTrainer:
             states = states.cpu()
         return GroupRollout(
             slot=slot, example_id=example_id, states=states, sigmas=result.sigmas, timesteps=result.timesteps,
-            conditioning=result.conditioning, mask=mask,
-            token_mask=token_mask, task_components={k: v.cpu() for k, v in components.items()},
-            task_reward=task.cpu(), acd=acd, images=images.cpu(), background_drift=drift.cpu(),
+            conditioning=result.conditioning, mask=mask, token_mask=token_mask, task_components={},
+            task_reward=None, acd=acd, images=images.cpu(), background_drift=drift.cpu(),
             diag=exploration_sums(result.states[:, -1], mask),
         )
+
+    def _with_rewards(self, pending: list[GroupRollout]) -> list[GroupRollout]:
+        """The groups with their rewards (waited for); a group whose rewards failed is skipped or stops the
+        run (`bad_reward_policy`), in slot order."""
+        results = self.scoring.collect()
+        groups = []
+        for g in pending:
+            values = results[g.slot]
+            if isinstance(values, POLICY_ERRORS):
+                self._skip_group(g.example_id, values)
+                continue
+            if isinstance(values, BaseException):
+                raise values
+            g.task_components = values
+            g.task_reward = sum(w * values[name] for name, _, w in self.reward_funcs)
+            groups.append(g)
+        return groups
+
+    def _skip_group(self, example_id: str, exc: BaseException) -> None:
+        if self.config.bad_reward_policy != "skip":
+            raise exc
+        warnings.warn(f"skipping group of example {example_id!r}: {exc}")
+        self._step_skips[0] += 1
+        self.skipped_groups += 1
 
     def compute_advantages(self, groups: list[GroupRollout]) -> int:
         """Set each group's advantages from rewards standardized over all ranks' groups (SPEC §6; the
@@ -351,11 +372,9 @@ class RCGRPOTrainer:
         start = time.perf_counter()
         step = self.step
         self._step_skips = [0, 0]
-        groups = []
-        for slot, index in self._step_slots(step):
-            group = self.rollout_group(slot, index, step)
-            if group is not None:
-                groups.append(group)
+        self.scoring.begin_step()
+        pending = [self._rollout(slot, index, step) for slot, index in self._step_slots(step)]
+        groups = self._with_rewards([g for g in pending if g is not None])
         rollout_time = time.perf_counter() - start
         with self.phases("advantages"):
             n_global = self.compute_advantages(groups)
@@ -423,7 +442,7 @@ class RCGRPOTrainer:
                                           filtered=g.filtered))
         rows = self.collectives.gather(self.rows.pack(summaries, self.slots_per_rank))
         everyone = self.rows.unpack(rows)
-        skips = self.collectives.sum(torch.tensor(self._step_skips, dtype=torch.float64)).tolist()
+        skips = self.collectives.sum(torch.tensor([*self._step_skips, self.scoring.retries], dtype=torch.float64)).tolist()
         self.total_skipped = [self.total_skipped[0] + int(skips[0]), self.total_skipped[1] + int(skips[1])]
         metrics = {"step": self.step + 1, **step_metrics(everyone, self.rows.reward_names,
                                                          low_variance_threshold=self.config.low_variance_threshold)}
@@ -436,6 +455,8 @@ class RCGRPOTrainer:
             "skipped_examples": self.total_skipped[1],
             "skipped_update": skipped,
             "rollout_time_s": rollout_time,
+            "perf/reward_wait_s": self.scoring.wait_s,
+            "reward/retries": int(skips[2]),
             "time_s": total_time,
         })
         return metrics
@@ -558,6 +579,7 @@ class RCGRPOTrainer:
                 self.accelerator.wait_for_everyone()
         finally:
             bar.close()
+            self.scoring.close()
             self.run_log.finish()
         return metrics
 
@@ -727,21 +749,6 @@ def _config_for_saving(config: RCGRPOConfig) -> dict:
     if values.get("editscore_url"):
         values["editscore_url"] = redact_url(values["editscore_url"])
     return values
-
-
-def _check_reward(values, batch: int, name: str) -> torch.Tensor:
-    """`rcgrpo.rewards.check_reward_output` on the CPU; lists/arrays are accepted; failures raise BadRewardError."""
-    from ..rewards.checks import check_reward_output
-
-    if not isinstance(values, torch.Tensor):
-        try:
-            values = torch.as_tensor(values, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError):
-            raise BadRewardError(f"reward {name!r} returned {type(values).__name__}; expected a float tensor [{batch}]") from None
-    try:
-        return check_reward_output(values.detach(), batch, name).cpu()
-    except ValueError as exc:
-        raise BadRewardError(str(exc)) from None
 
 
 def _hwc_uint8(image: torch.Tensor):
