@@ -18,7 +18,7 @@ interval starts over once the server scores a batch. Answers that would fail on 
 500 from the scorer, a malformed or non-finite score) are not resent: they raise `RewardServerError`
 at once. When no server has been usable for `unavailable_timeout` seconds (default `timeout`), the
 batches waiting for one fail with `RewardsUnavailableError`, one line naming every server and its
-last error, and further batches fail at once until a probe brings a server back; a batch that keeps
+last error, and further batches fail as soon as one more probe of every server fails; a batch that keeps
 failing for that long (a server whose /health answers but whose scoring does not) fails the same
 way. `retry_count` counts the resent batches. Results equal one server's when the servers score alike (same scorer, deterministic).
 """
@@ -178,6 +178,7 @@ class EditScorePool:
     def _acquire(self) -> _Server:
         """The usable server with the fewest outstanding requests (counted from now on); waits while none
         is usable, RewardsUnavailableError past `unavailable_timeout`."""
+        probed_all = False
         with self._cond:
             while True:
                 now = time.monotonic()
@@ -193,8 +194,16 @@ class EditScorePool:
                 if self._none_usable_since is None:
                     self._none_usable_since = now
                 left = self._none_usable_since + self.unavailable_timeout - now
-                if left <= 0:
-                    raise self._unavailable_error(now - self._none_usable_since)
+                if left <= 0:  # past the timeout: one last probe of every server before giving up
+                    if not probed_all:
+                        probed_all = True
+                        for server in self.servers:
+                            server.probe_at = min(server.probe_at, now)
+                        continue
+                    if not any(s.probing for s in self.servers):
+                        raise self._unavailable_error(now - self._none_usable_since)
+                    self._cond.wait(timeout=0.5)
+                    continue
                 next_probe = min((s.probe_at for s in self.servers if not s.probing), default=now + left)
                 self._cond.wait(timeout=max(0.01, min(left, next_probe - now, 1.0)))
 
