@@ -43,18 +43,25 @@ def reward(edited, sources, masks, instructions, metadata):
     if metadata[0].get("constant"):  # a group with one reward: the low-variance filter's case
         values = torch.full_like(values, 0.5)
     return values
+rewards, weights = [("redness", reward)], [1.0]
+if spec.get("urls"):  # remote rewards: reward servers on 127.0.0.1 (rank dead_rank gets URLs nobody serves)
+    from rcgrpo.rewards import EditScorePool
+    urls = spec["dead_urls"] if rank == spec.get("dead_rank") else spec["urls"]
+    rewards.append(("editscore", EditScorePool(urls, batch_size=3, timeout=30, unavailable_timeout=0.5,
+                                               probe_interval=0.1)))
+    weights.append(0.5)
 cfg = preset("tiny", group_size=4, num_anchors=2, groups_per_step=spec["groups"], num_inference_steps=2,
-             max_steps=spec.get("max_steps", 2), reward_funcs=["redness"], reward_weights=[1.0], w_acd=0.5,
-             acd_backend="torch", distance_backend="torch", checkpoint_every=0, sample_every=0, report_to="none",
-             output_dir=str(out), train_size=4, max_grad_norm=0.0, skip_bad_examples=True, log_policy_kl=True,
-             **spec.get("config", {}))
+             max_steps=spec.get("max_steps", 2), reward_funcs=[n for n, _ in rewards], reward_weights=weights,
+             w_acd=0.5, acd_backend="torch", distance_backend="torch", checkpoint_every=0, sample_every=0,
+             report_to="none", output_dir=str(out), train_size=4, max_grad_norm=0.0, skip_bad_examples=True,
+             log_policy_kl=True, **spec.get("config", {}))
 data = SquareDataset(4, size=32)
 for i in spec.get("bad_examples", []):
     data.examples[i].mask = torch.zeros(32, 32)
 for i in spec.get("constant_examples", []):
     data.examples[i].metadata["constant"] = True
 held = SquareDataset(3, size=32, seed=99) if spec.get("config", {}).get("eval_every") else None
-tr = trainer_module.RCGRPOTrainer(tiny_kontext_pipeline(0), cfg, [("redness", reward)], data, held)
+tr = trainer_module.RCGRPOTrainer(tiny_kontext_pipeline(0), cfg, rewards, data, held)
 tr.train()
 if tr.accelerator.is_main_process:
     torch.save(torch.cat([p.detach().reshape(-1) for p in tr.lora_parameters]), out / "lora_vector.pt")
@@ -191,3 +198,31 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
     nodes = torch.load(tmp_path / "nodes" / "run" / "lora_vector.pt", weights_only=True)
     single = torch.load(tmp_path / "single" / "run" / "lora_vector.pt", weights_only=True)
     torch.testing.assert_close(nodes, single, rtol=1e-5, atol=1e-7)
+
+
+def test_two_processes_with_remote_rewards_give_the_same_run_with_and_without_overlap(tmp_path):
+    from test_reward_pool import Recorder, serving
+    from test_reward_server import free_port
+
+    recorders = [Recorder() for _ in range(3)]
+    with serving(recorders[0]) as a, serving(recorders[1]) as b, serving(recorders[2]) as c:
+        for name, overlap in (("sync", False), ("overlap", True)):
+            spec = {"out": str(tmp_path / name / "run"), "groups": 2, "urls": [a, b, c],
+                    "config": {"overlap_rewards": overlap, "max_reward_requests_in_flight": 2}}
+            assert [r["step"] for r in run(tmp_path, spec, nproc=2)] == [2, 2]
+        # rank 1's servers are all down: its groups are skipped at the step that owns them, rank 0 goes on
+        dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+        spec = {"out": str(tmp_path / "dead" / "run"), "groups": 2, "urls": [a, b, c], "dead_urls": dead,
+                "dead_rank": 1, "config": {"bad_reward_policy": "skip"}}
+        assert [r["step"] for r in run(tmp_path, spec, nproc=2)] == [2, 2]
+    sync, over = _metrics(tmp_path / "sync" / "run"), _metrics(tmp_path / "overlap" / "run")
+    keys = ("reward_mean", "reward/editscore", "reward/redness", "acd_mean", "loss", "policy_kl", "groups",
+            "reward_std_within_group_values", "reward/retries")
+    assert [{k: r[k] for k in keys} for r in sync] == [{k: r[k] for k in keys} for r in over]
+    assert all(r["groups"] == 4 for r in over) and all("perf/reward_wait_s" in r for r in over)
+    lora_sync = torch.load(tmp_path / "sync" / "run" / "lora_vector.pt", weights_only=True)
+    lora_over = torch.load(tmp_path / "overlap" / "run" / "lora_vector.pt", weights_only=True)
+    assert torch.equal(lora_sync, lora_over)
+    assert sum(len(r.seen) for r in recorders) >= 2 * 2 * (2 * 2 * 4)  # both runs' images, over the servers
+    dead_rows = _metrics(tmp_path / "dead" / "run")
+    assert [r["groups"] for r in dead_rows] == [2, 2] and dead_rows[-1]["skipped_groups"] == 4
