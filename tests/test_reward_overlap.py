@@ -209,3 +209,18 @@ def test_no_usable_reward_server_skips_the_group_under_skip_and_stops_otherwise(
     pool = EditScorePool(dead, timeout=2, unavailable_timeout=0.2, probe_interval=0.05)
     with pytest.raises(RewardServerError, match=f"no reward server scored.*{dead[0]}.*{dead[1]}"):
         train(cfg, pool)
+
+
+def test_a_new_step_drops_what_an_aborted_step_left():
+    remote = Remote()
+    scoring = RewardScheduler([("remote", remote, 1.0)], overlap=True)
+    scoring.begin_step()
+    scoring.submit(0, *batch(0))
+    with pytest.raises(ValueError, match="already submitted"):
+        scoring.submit(0, *batch(1))
+    scoring.begin_step()  # e.g. the step raised before its collect
+    scoring.submit(0, *batch(1))
+    results = scoring.collect()
+    edited, sources, masks, instructions, metadata = batch(1)
+    assert list(results) == [0]
+    assert torch.equal(results[0]["remote"], redness_reward(edited, sources, masks, instructions, metadata))

@@ -103,7 +103,13 @@ class RewardScheduler:
 
     # ------------------------------------------------------------------ a step
     def begin_step(self) -> None:
-        """Reset the step's accounting (`wait_s`, `retries`)."""
+        """Reset the step's accounting (`wait_s`, `retries`) and drop what an aborted step left (its
+        background calls finish unread)."""
+        for future in self._background.values():
+            future.cancel()
+        self._inline.clear()
+        self._background.clear()
+        self._order.clear()
         self.wait_s = 0.0
         self.retries = 0
         self._retries_at_start = self._retry_total()
