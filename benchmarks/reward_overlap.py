@@ -37,47 +37,64 @@ def _fmt(value, digits=3):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _load(state, count: int = 3) -> str:
+    load = (state or {}).get("loadavg_1_5_15")
+    return "-" if not load else ", ".join(f"{x:.1f}" for x in load[:count])
+
+
+def rows_threads(data: dict) -> str:
+    threads = {b["extra_info"].get("torch_threads") for b in data.get("benchmarks", [])} - {None}
+    return ", ".join(map(str, sorted(threads))) or "?"
+
+
 def render(path: Path) -> str:
     data = json.loads(path.read_text())
     machine = data.get("machine_info", {})
     rc = machine.get("rcgrpo", {})
     start, end = rc.get("cpu_state_at_start", {}), data.get("rcgrpo", {}).get("cpu_state_at_end", {})
+    versions = rc.get("versions", {})
+    device = rc.get("device", {})
     lines = [f"# Reward overlap benchmark ({path.name})", "",
              f"- date: {data.get('datetime')}, commit {data.get('commit_info', {}).get('id', '?')[:12]}"
              f"{' (dirty)' if data.get('commit_info', {}).get('dirty') else ''}",
-             f"- machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} "
-             f"logical CPUs, {machine.get('system', '?')} {machine.get('release', '')}; device "
-             f"{rc.get('device', {}).get('name', rc.get('device', '?'))}",
-             f"- load average at start {start.get('loadavg')}, at end {end.get('loadavg')}", ""]
+             f"- machine: {device.get('cpu_model') or machine.get('cpu', {}).get('brand_raw', '?')}, "
+             f"{start.get('cpu_count', '?')} logical CPUs, {machine.get('system', '?')} {machine.get('release', '')}; "
+             f"device {device.get('gpu_name') or device.get('bench_device', '?')}; python {versions.get('python')}, "
+             f"torch {versions.get('torch')}, diffusers {versions.get('diffusers')}",
+             f"- load average (1, 5, 15 min) at start {_load(start)}, at end {_load(end)}; torch threads in the "
+             f"benchmark process: {rows_threads(data)}", ""]
     rows = [b for b in data.get("benchmarks", []) if b.get("extra_info", {}).get("op") == "reward_overlap"]
     if rows:
         info = rows[0]["extra_info"]
-        lines += [f"## One process, one server: synchronous vs overlapped", "",
-                  f"G = {info['group_size']}, {info['groups_per_step']} groups per step, {info['timed_steps']} timed "
-                  "steps, medians in seconds. R, S: rollouts alone and rewards alone per step, from `sync`.", "",
+        lines += ["## One process, one server: synchronous vs overlapped", "",
+                  f"G = {info['group_size']}, n = {info['groups_per_step']} groups per step, {info['timed_steps']} "
+                  "timed steps, medians in seconds. \"to advantages\": from the start of the step until every "
+                  "reward is in; R: the provider's own rollouts (to advantages − reward wait); S: the rewards "
+                  "scored one group after the other (the reward wait of `sync` at that latency). The issue's "
+                  "target: overlapped to advantages ≤ 1.1 × max(R, S); R + S/n is the least a step of n groups "
+                  "can take when only its last group's rewards are exposed.", "",
                   "| latency s/image | reward s/group | provider | step | to advantages | reward wait | R | S | "
-                  "step vs sync | to advantages / max(R, S) | to advantages / (R + S/n) |",
-                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "sync step / step | to advantages / max(R, S) | to advantages / (R + S/n) | load (1 min) |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         by_latency: dict[float, dict[str, dict]] = {}
         for b in rows:
             by_latency.setdefault(b["extra_info"]["latency_s_per_image"], {})[b["extra_info"]["provider"]] = b["extra_info"]
         for latency in sorted(by_latency):
             group = by_latency[latency]
             sync = group.get("sync")
-            r = sync.get("rollouts_alone_s_median") if sync else None
             s = sync.get("perf/reward_wait_s_median") if sync else None
             for provider in ("sync", "overlap"):
                 e = group.get(provider)
                 if e is None:
                     continue
                 n = e["groups_per_step"]
-                adv = e.get("rollout_time_s_median")
+                adv, r = e.get("rollout_time_s_median"), e.get("rollouts_alone_s_median")
                 ratio = sync["time_s_median"] / e["time_s_median"] if sync and e.get("time_s_median") else None
-                target = adv / max(r, s) if provider == "overlap" and r and s is not None else None
-                ideal = adv / (r + s / n) if provider == "overlap" and r and s is not None else None
+                target = adv / max(r, s) if r and s is not None else None
+                ideal = adv / (r + s / n) if r and s is not None else None
                 lines.append(f"| {latency:g} | {e['reward_s_per_group']:g} | {provider} | {_fmt(e.get('time_s_median'))} | "
                              f"{_fmt(adv)} | {_fmt(e.get('perf/reward_wait_s_median'))} | {_fmt(r)} | {_fmt(s)} | "
-                             f"{_fmt(ratio, 2)}x faster | {_fmt(target, 2)} | {_fmt(ideal, 2)} |")
+                             f"{_fmt(ratio, 2)} | {_fmt(target, 2)} | {_fmt(ideal, 2)} | {_load(e.get('cpu_state'), 1)} |")
         lines.append("")
     two = [b for b in data.get("benchmarks", []) if b.get("extra_info", {}).get("op") == "reward_servers"]
     if two:

@@ -20,8 +20,9 @@ Settings (the `minibench` preset, small): tiny editor, 64 px, G = 8, T = 8, 4 tr
 `RCGRPO_BENCH_GROUPS` groups per step and process (default 4), one request per group (batch = G),
 `max_reward_requests_in_flight` = groups, ACD and distance ops on the torch backend (the C++ backends'
 OpenMP threads collapse when the servers and the client threads share the cores). Knobs:
-`RCGRPO_BENCH_REWARD_LATENCIES` (s per image, comma-separated, default "0.01,0.04"),
-`RCGRPO_BENCH_E2E_ROUNDS` (timed steps, default 5), `RCGRPO_BENCH_GROUPS`.
+`RCGRPO_BENCH_REWARD_LATENCIES` (s per image, comma-separated, default "0.05,0.2": 0.4 and 1.6 s per group of 8),
+`RCGRPO_BENCH_E2E_ROUNDS` (timed steps, default 5), `RCGRPO_BENCH_GROUPS`, `RCGRPO_BENCH_TORCH_THREADS`
+(CPU only, default 1).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _floats(name: str, default: str) -> list[float]:
     return [float(x) for x in (os.environ.get(name, "").strip() or default).split(",") if x.strip()]
 
 
-LATENCIES = _floats("RCGRPO_BENCH_REWARD_LATENCIES", "0.01,0.04")
+LATENCIES = _floats("RCGRPO_BENCH_REWARD_LATENCIES", "0.05,0.2")
 ROUNDS = int(os.environ.get("RCGRPO_BENCH_E2E_ROUNDS", "").strip() or 5)
 GROUPS = int(os.environ.get("RCGRPO_BENCH_GROUPS", "").strip() or 4)
 SERVERS = 3
@@ -116,6 +117,20 @@ def servers():
         s.close()
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads(bench_device):
+    """On a CPU the benchmark process uses `RCGRPO_BENCH_TORCH_THREADS` torch threads (default 1, as each
+    torchrun process gets OMP_NUM_THREADS=1): OpenMP threads that spin while the servers and the client
+    threads take a core make the timings collapse on a small shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    if bench_device.type == "cpu":
+        torch.set_num_threads(int(os.environ.get("RCGRPO_BENCH_TORCH_THREADS", "").strip() or 1))
+    yield torch.get_num_threads()
+    torch.set_num_threads(before)
+
+
 def _medians(per_step: list[dict]) -> dict:
     out = {f"{k}_median": statistics.median(s[k] for s in per_step) for k in STEP_KEYS} if per_step else {}
     if per_step:
@@ -133,7 +148,7 @@ def _common(latency: float) -> dict:
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("latency", LATENCIES)
 @pytest.mark.parametrize("provider", ["sync", "overlap"])
-def test_reward_overlap(benchmark, bench_session, bench_device, servers, tmp_path, latency, provider):
+def test_reward_overlap(benchmark, bench_session, bench_device, servers, tmp_path, latency, provider, _torch_threads):
     from rcgrpo.rewards.registry import reward_funcs_from_config
     from rcgrpo.testing import tiny_editor
     from rcgrpo.train.config import preset
@@ -162,6 +177,7 @@ def test_reward_overlap(benchmark, bench_session, bench_device, servers, tmp_pat
     timing[0] = True
     median = providers.run_benchmark(benchmark, step, bench_device, rounds=ROUNDS, warmup_rounds=0, prewarm=False)
     extra = {"op": "reward_overlap", "processes": 1, "servers": 1, "overlap": provider == "overlap",
+             "torch_threads": _torch_threads,
              **_common(latency), "per_step": per_step, **_medians(per_step)}
     bench_session.finish(benchmark, provider, median, extra)
 
