@@ -129,6 +129,10 @@ def test_config_rewards_use_a_pool_and_resolve_reward_a_client_for_one_url():
     assert isinstance(resolve_reward("editscore", url="http://127.0.0.1:1"), EditScoreClient)
     assert isinstance(resolve_reward("editscore", url="http://127.0.0.1:1,http://127.0.0.1:2"), EditScorePool)
     assert EditScoreClient.asynchronous is True
+    from rcgrpo.rewards import WeightedReward, background_psnr
+
+    assert WeightedReward([(pool, 1.0), (EditScoreClient("http://127.0.0.1:3"), 2.0)]).asynchronous
+    assert not WeightedReward([(pool, 1.0), (background_psnr, 2.0)]).asynchronous  # a local part runs inline
 
 
 # ---------------------------------------------------------------- spreading
