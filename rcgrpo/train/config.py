@@ -505,6 +505,8 @@ def check_yaml_value(name: str, value, where: str, *, plain: bool = True):
         return list(value)
     if name == "train_timesteps" and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
+    if name == "editscore_url" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # a list of reward server URLs
     if kind is str and not isinstance(value, str):
         raise ValueError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
     choices = _choices(name)
