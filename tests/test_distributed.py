@@ -18,6 +18,7 @@ WORKER = r'''
 import json, os, signal, sys
 from pathlib import Path
 import torch
+import rcgrpo.train.state as state_module
 import rcgrpo.train.trainer as trainer_module
 from rcgrpo.train.config import preset
 from rcgrpo.data.synthetic import SquareDataset, redness_reward
@@ -32,8 +33,8 @@ if rank != 0:  # a write by any other rank leaves a marker
             (out.parent / f"rank{rank}-wrote-{name}").write_text("x")
             return real(*args, **kwargs)
         return wrapper
-    trainer_module.write_checkpoint = forbidden("checkpoint", trainer_module.write_checkpoint)
-    trainer_module.write_lora = forbidden("lora", trainer_module.write_lora)
+    state_module.write_checkpoint = forbidden("checkpoint", state_module.write_checkpoint)
+    state_module.write_lora = forbidden("lora", state_module.write_lora)
 calls = [0]
 def reward(edited, sources, masks, instructions, metadata):
     calls[0] += 1

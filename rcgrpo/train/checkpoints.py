@@ -191,6 +191,22 @@ def prune_checkpoints(run_dir, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def prepare_run_directory(directory) -> None:
+    """Create the run directory and check that files can be written in it."""
+    import os
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"output directory {str(directory)!r} is a file")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"output directory {str(directory)!r} is not writable ({exc.strerror or exc})") from None
+
+
 def clean_run_directory(run_dir) -> None:
     """Repair what an interrupted save left in `run_dir`: temporary directories are removed, a
     directory caught between the two renames of a replace is restored, and a checkpoint directory
@@ -217,6 +233,7 @@ def set_rng_state(state: dict) -> None:
 
 
 __all__ = [
+    "prepare_run_directory",
     "CHECKPOINT_PREFIX",
     "Checkpoint",
     "CheckpointWriteError",

@@ -43,4 +43,24 @@ class Collectives:
         return int(self.gather(torch.tensor([[float(value)]])).max())
 
 
-__all__ = ["Collectives"]
+
+
+def make_accelerator(config, output_dir):
+    """The `accelerate.Accelerator` of a run: CPU when asked (or without CUDA), the config's trackers,
+    tracker logs under `output_dir/logs`."""
+    from pathlib import Path
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from .tracking import check_trackers
+
+    output_dir = Path(output_dir)
+    trackers = config.trackers()
+    check_trackers(trackers)
+    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
+    return Accelerator(cpu=cpu, log_with=trackers or None, project_config=project)
+
+
+__all__ = ["Collectives", "make_accelerator"]

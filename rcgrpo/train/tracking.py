@@ -107,6 +107,28 @@ def git_commit(path: Path) -> str | None:
         return None
 
 
+def config_for_saving(config) -> dict:
+    """The config's values as written to the run directory and checkpoints (reward-server credentials redacted)."""
+    from ..rewards.editscore import redact_url
+
+    values = config.to_dict()
+    if values.get("editscore_url"):
+        values["editscore_url"] = redact_url(values["editscore_url"])
+    return values
+
+
+class SavedConfig:
+    """The config as written to the run directory (`config_for_saving`)."""
+
+    def __init__(self, config):
+        self.values = config_for_saving(config)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.values, sort_keys=False)
+
+
 def write_run_info(output_dir, config, *, world_size: int, device, step: int) -> None:
     """`config.yaml` (the resolved config) and `run_info.json` (versions, git commit of rcgrpo, command
     line, processes, device, start time) in the run directory; a resume appends to run_info's history."""
@@ -203,5 +225,6 @@ def _json_default(value):
     return float(value)
 
 
-__all__ = ["METRICS_FILE", "RESOLVED_CONFIG_FILE", "RUN_INFO_FILE", "RunLog", "check_trackers", "git_commit",
+__all__ = ["METRICS_FILE", "RESOLVED_CONFIG_FILE", "RUN_INFO_FILE", "RunLog", "SavedConfig", "check_trackers",
+           "config_for_saving", "git_commit",
            "hyperparameters", "tracker_name", "truncate_metrics", "versions", "write_run_info"]

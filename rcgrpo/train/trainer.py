@@ -7,6 +7,10 @@ advantages; then, one group at a time, predict one Euler step under θ for B anc
 transitions, score the stored candidate states under the surrogate policy, and minimize the clipped
 objective over the LoRA parameters (`rcgrpo.train.update`).
 
+The parts live in their own modules: `rollouts` (RDP noises, the editor's rollout, the ACD capture),
+`scoring` (rewards, overlapped with later rollouts), `update` (the surrogate objective's backward),
+`evaluation`, `state` (checkpoints, resume, LoRA files), `lora`, `metrics`.
+
 Data parallel over processes through `accelerate`: groups are sharded by global slot, reward
 statistics, gradients, stop requests and logged metrics are reduced over all ranks
 (`rcgrpo.train.distributed`), every rank joins every collective whatever its local work, and only
@@ -14,55 +18,28 @@ the main process writes files.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..editors.latents import background_drift
 from ..editors.loading import editor_for_pipeline
 from ..method.advantages import combine_rewards, step_advantages
-from ..method.masks import element_mask
-from ..method.rdp import region_decoupled_noise
-from .checkpoints import (clean_run_directory, list_checkpoints, prune_checkpoints, read_checkpoint, set_rng_state,
-                          write_checkpoint, write_lora)
-from .config import RCGRPOConfig, resume_changes
-from .data import example_at_resolution, resize_example
-from .distributed import Collectives
+from . import evaluation, state
+from .checkpoints import clean_run_directory, find_checkpoint, list_checkpoints, prepare_run_directory
+from .config import RCGRPOConfig
+from .distributed import Collectives, make_accelerator
 from .ema import LoraEMA
-from .metrics import GroupSummary, MovingAverage, RowLayout, exploration_sums, progress_fields, step_metrics
+from .lora import add_lora, lora_parameter_names, lora_state_dict
+from .metrics import GroupSummary, MovingAverage, RowLayout, progress_fields, step_metrics
 from .phases import Phases
-from .scoring import POLICY_ERRORS, BadRewardError, RewardScheduler, check_reward as _check_reward  # noqa: F401
+from .rollouts import BadExampleError, GroupRollout, Rollouts
+from .scoring import POLICY_ERRORS, BadRewardError, RewardScheduler, check_reward  # noqa: F401 - public names
 from .signals import StopRequest
-from .tracking import RunLog, check_trackers, write_run_info
+from .tracking import RunLog, SavedConfig, config_for_saving, write_run_info
 from .update import SurrogateUpdate
-
-
-@dataclass
-class GroupRollout:
-    """Everything the update needs about one group, kept from the rollout phase."""
-
-    slot: int  # global position of the group in this step's minibatch
-    example_id: str
-    states: torch.Tensor  # [G, T+1, N_img, C]
-    sigmas: torch.Tensor  # [T+1]
-    timesteps: torch.Tensor  # [T]
-    conditioning: object
-    mask: torch.Tensor  # element mask [D]
-    token_mask: torch.Tensor  # [N_img]
-    task_components: dict  # reward name → [G] (empty until the rewards are in)
-    task_reward: torch.Tensor | None  # [G] weighted sum of the components (None until the rewards are in)
-    acd: torch.Tensor | None  # [G]
-    images: torch.Tensor  # [G, 3, H, W]
-    background_drift: torch.Tensor  # [G − 1]
-    advantages: torch.Tensor | None = None
-    filtered: bool = False  # low-variance group given no update (config filter_low_variance)
-    diag: dict = field(default_factory=dict)  # exploration sums, then the post-update diagnostics
 
 
 class RCGRPOTrainer:
@@ -91,7 +68,7 @@ class RCGRPOTrainer:
             else self.editor.defaults.negative_prompt
         self.output_dir = Path(config.output_dir)
         if accelerator is None:
-            accelerator = _make_accelerator(config, self.output_dir)
+            accelerator = make_accelerator(config, self.output_dir)
         self.accelerator = accelerator
         self.device = accelerator.device
         self.collectives = Collectives(accelerator)
@@ -111,17 +88,16 @@ class RCGRPOTrainer:
         self.total_skipped = [0, 0]  # (groups, examples) over all ranks and the whole run (logged, checkpointed)
         self.reward_ema = MovingAverage()
         self._step_skips = [0, 0]  # this rank's skipped (groups, examples) in the current step
-        self._text_cache: dict = {}
         self.stop = StopRequest()
-        self.run_log = RunLog(self.output_dir, accelerator, _config_for_saving(config))
+        self.run_log = RunLog(self.output_dir, accelerator, config_for_saving(config))
         self.pipe.to(self.device)
         if config.vae_slicing:
             self.pipe.vae.enable_slicing()
-        self._setup_lora()
+        self.lora_parameters = add_lora(self.transformer, config)
         self.ema = None
         if config.ema_decay > 0:
-            names = [n for n, _ in self.transformer.named_parameters() if "lora_" in n]
-            self.ema = LoraEMA(names, self.lora_parameters, decay=config.ema_decay, start_step=config.ema_start_step)
+            self.ema = LoraEMA(lora_parameter_names(self.transformer), self.lora_parameters, decay=config.ema_decay,
+                               start_step=config.ema_start_step)
         if config.eval_every and (eval_dataset is None or len(eval_dataset) == 0):
             raise ValueError(f"config eval_every = {config.eval_every} needs an evaluation set (eval_size > 0)")
         self.optimizer = torch.optim.AdamW(
@@ -141,6 +117,7 @@ class RCGRPOTrainer:
 
             self.recorder = attach_acd(self.transformer, last_k=config.acd_layers, backend=config.acd_backend,
                                        mode=config.acd_mode, phases=self.phases)
+        self.rollouts = Rollouts(self.editor, config, self.phases, self.device, self.recorder, self.negative_prompt)
 
     # ------------------------------------------------------------------ set-up
     def _named_rewards(self, reward_funcs):
@@ -158,27 +135,6 @@ class RCGRPOTrainer:
         if len(weights) != len(named):
             raise ValueError(f"config reward_weights has {len(weights)} entries for {len(named)} reward functions")
         return [(n, f, float(w)) for (n, f), w in zip(named, weights)]
-
-    def _setup_lora(self):
-        from peft import LoraConfig
-
-        cfg = self.config
-        self.transformer.requires_grad_(False)
-        if not getattr(self.transformer, "peft_config", None):
-            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                              target_modules=list(cfg.lora_target_modules))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                self.transformer.add_adapter(lora)
-        for name, param in self.transformer.named_parameters():
-            param.requires_grad_("lora_" in name)
-            if "lora_" in name and param.dtype != torch.float32:
-                param.data = param.data.float()  # master weights of the adapter stay fp32
-        self.lora_parameters = [p for n, p in self.transformer.named_parameters() if "lora_" in n]
-        if not self.lora_parameters:
-            raise ValueError(f"no LoRA parameters were created for target modules {cfg.lora_target_modules}")
-        if cfg.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ data
     def _step_slots(self, step: int) -> list[tuple[int, int]]:
@@ -204,26 +160,7 @@ class RCGRPOTrainer:
         """Use `conditions` (the editor family's text conditions, e.g. `FluxKontextEditor.text_conditions(
         embeds, pooled, acd_weights)`) for `instruction` instead of the text encoders (pre-computed
         embeddings; a pipeline without text encoders). Their `acd_weights` mark the instruction's tokens."""
-        self._text_cache[("given", instruction)] = conditions
-
-    def _text_conditioning(self, instruction: str, source: torch.Tensor):
-        """The editor's text conditions of `instruction` (with the source image where the family's text
-        encoder sees it), cached when `cache_text_embeddings`."""
-        cfg = self.config
-        if ("given", instruction) in self._text_cache:
-            return self._text_cache[("given", instruction)]
-        negative = self.negative_prompt if cfg.guidance_scale > 1 else None
-        key = self.editor.text_cache_key(instruction, source, length=cfg.max_sequence_length,
-                                         acd=cfg.acd_text_tokens, negative=negative)
-        if key in self._text_cache:
-            return self._text_cache[key]
-        text = self.editor.encode_text(instruction, source, max_sequence_length=cfg.max_sequence_length,
-                                       acd_text_tokens=cfg.acd_text_tokens, negative_prompt=negative)
-        if cfg.cache_text_embeddings:
-            if len(self._text_cache) > 1024:
-                self._text_cache.pop(next(iter(self._text_cache)))
-            self._text_cache[key] = text
-        return text
+        self.rollouts.set_text_conditions(instruction, conditions)
 
     # ------------------------------------------------------------------ rollouts and rewards
     def rollout_group(self, slot: int, index: int, step: int) -> GroupRollout | None:
@@ -232,61 +169,23 @@ class RCGRPOTrainer:
         scored = self._with_rewards([group] if group is not None else [])
         return scored[0] if scored else None
 
-    @torch.no_grad()
     def _rollout(self, slot: int, index: int, step: int) -> GroupRollout | None:
-        """One group rolled out and decoded, its rewards submitted to `self.scoring` (not yet in)."""
-        cfg = self.config
-        image, pixel_mask, instruction, example_id, metadata = self.edit_input(self.train_dataset[index], index)
-        height, width = image.shape[1:]
+        """One group rolled out and decoded, its rewards submitted to `self.scoring` (not yet in); None when
+        the example or its rewards are skipped."""
         try:
-            token_mask = self.editor.token_mask(pixel_mask, height, width, pooling=cfg.mask_pooling,
-                                                threshold=cfg.mask_threshold, name=f"example {example_id!r}")
-        except ValueError as exc:
-            if cfg.skip_bad_examples:
-                warnings.warn(f"skipping {exc}")
-                self._step_skips[1] += 1
-                self.skipped_examples += 1
-                return None
-            raise
-        n_img, channels = self.editor.latent_shape(height, width)
-        alpha_edit, alpha_base = cfg.perturbation_scales()
-        dtype = self.transformer.dtype
-        noises = region_decoupled_noise(
-            (n_img, channels), token_mask[:, None], group_size=cfg.group_size, alpha_edit=alpha_edit,
-            alpha_base=alpha_base, generator=torch.Generator().manual_seed(self._seed(step, slot, 1)),
-        ).to(device=self.device, dtype=dtype)
-        source = image[None].to(device=self.device, dtype=dtype)
-        text = self._text_conditioning(instruction, source)
-        kwargs = dict(num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, height=height,
-                      width=width, max_sequence_length=cfg.max_sequence_length, text=text, decode=False)
-        acd = None
-        with self.phases("rollout"):
-            if self.recorder is not None:
-                with self.recorder.capture(token_mask.to(self.device), text_weights=text.acd_weights) as cap:
-                    result = self.editor.rollout(source, instruction, noises, **kwargs)
-                acd = cap.reward().float().cpu()
-            else:
-                result = self.editor.rollout(source, instruction, noises, **kwargs)
-        with self.phases("decode"):
-            images = self.editor.decode(result.states[:, -1], height, width).float().clamp(0, 1)
-        group = cfg.group_size
-        sources = image[None].expand(group, -1, -1, -1).to(images.device)
-        masks = pixel_mask[None, None].expand(group, -1, -1, -1).to(images.device)
+            group, inputs = self.rollouts.group(self.train_dataset[index], index, slot, self._seed(step, slot, 1))
+        except BadExampleError as exc:
+            if not self.config.skip_bad_examples:
+                raise
+            warnings.warn(f"skipping {exc}")
+            self._step_skips[1] += 1
+            self.skipped_examples += 1
+            return None
         try:
-            self.scoring.submit(slot, images, sources, masks, [instruction] * group, [metadata] * group)
+            self.scoring.submit(slot, *inputs)
         except POLICY_ERRORS as exc:
-            return self._skip_group(example_id, exc)
-        states = result.states
-        drift = background_drift(states[:, -1], token_mask)[1:]
-        mask = element_mask(token_mask, channels).to(self.device)
-        if cfg.offload_states:
-            states = states.cpu()
-        return GroupRollout(
-            slot=slot, example_id=example_id, states=states, sigmas=result.sigmas, timesteps=result.timesteps,
-            conditioning=result.conditioning, mask=mask, token_mask=token_mask, task_components={},
-            task_reward=None, acd=acd, images=images.cpu(), background_drift=drift.cpu(),
-            diag=exploration_sums(result.states[:, -1], mask),
-        )
+            return self._skip_group(group.example_id, exc)
+        return group
 
     def _with_rewards(self, pending: list[GroupRollout]) -> list[GroupRollout]:
         """The groups with their rewards (waited for); a group whose rewards failed is skipped or stops the
@@ -461,74 +360,32 @@ class RCGRPOTrainer:
         })
         return metrics
 
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
+    # ------------------------------------------------------------------ evaluation (rcgrpo.train.evaluation)
     def evaluate(self, dataset=None, *, seed: int = 12345, ema: bool | None = None) -> float | None:
-        """Mean task reward of the deterministic edit (one fixed noise per example) over `dataset`, with the
-        weights `evaluation_weights(ema)` gives (the EMA when it is on)."""
-        dataset = dataset if dataset is not None else self.eval_dataset
-        if dataset is None or len(dataset) == 0:
-            return None
-        scores = []
-        with self.evaluation_weights(ema):
-            for index in range(len(dataset)):
-                scores.append(float(self.edit_example(dataset[index], index, seed=seed)[1]))
-        return sum(scores) / len(scores)
+        """Mean task reward of the deterministic edit (one fixed noise per example) over `dataset` (default:
+        the evaluation set), with the weights `evaluation_weights(ema)` gives (the EMA when it is on)."""
+        return evaluation.evaluate(self, dataset if dataset is not None else self.eval_dataset, seed=seed, ema=ema)
 
     def evaluation_weights(self, ema: bool | None = None):
-        """A context with the LoRA weights evaluation uses: the EMA (`rcgrpo.train.ema`) when `ema` is True,
-        or None and the EMA is on; the raw weights otherwise."""
-        use = self.ema is not None if ema is None else ema
-        if use and self.ema is None:
-            raise ValueError("no EMA of the LoRA weights: config ema_decay is 0")
-        return self.ema.applied() if use else contextlib.nullcontext()
+        """A context with the LoRA weights evaluation uses: the EMA when `ema` is True, or None and the EMA
+        is on; the raw weights otherwise."""
+        return evaluation.evaluation_weights(self.ema, ema)
 
-    @torch.no_grad()
     def periodic_evaluation(self) -> dict:
-        """`eval/task_reward` (raw weights) and, with the EMA on, `eval/task_reward_ema`: `evaluate` over the
-        evaluation set, its examples sharded over ranks and summed (every rank joins)."""
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        n = len(self.eval_dataset)
-        keys = [("eval/task_reward", False)] + ([("eval/task_reward_ema", True)] if self.ema is not None else [])
-        sums = []
-        for _, ema in keys:
-            with self.evaluation_weights(ema):
-                sums.append(sum(float(self.edit_example(self.eval_dataset[i], i)[1]) for i in range(rank, n, world)))
-        totals = self.collectives.sum(torch.tensor(sums)).tolist()
-        return {key: total / n for (key, _), total in zip(keys, totals)}
+        return evaluation.periodic_evaluation(self)
 
-    @torch.no_grad()
     def edit_example(self, item, index: int, *, seed: int = 12345):
         """(image [3,H,W], task reward) of the edit of one example from a fixed seeded noise."""
-        cfg = self.config
-        image, pixel_mask, instruction, _, metadata = self.edit_input(item, index)
-        height, width = image.shape[1:]
-        n_img, channels = self.editor.latent_shape(height, width)
-        noise = torch.randn((1, n_img, channels), generator=torch.Generator().manual_seed(seed + index))
-        dtype = self.transformer.dtype
-        source = image[None].to(self.device, dtype)
-        result = self.editor.rollout(source, instruction, noise.to(self.device, dtype),
-                                     num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                                     height=height, width=width, max_sequence_length=cfg.max_sequence_length,
-                                     text=self._text_conditioning(instruction, source))
-        edited = result.images.float().clamp(0, 1)
-        source = image[None].to(edited.device)
-        mask = pixel_mask[None, None].to(edited.device)
-        total = 0.0
-        for name, fn, w in self.reward_funcs:
-            total += w * float(_check_reward(fn(edited, source, mask, [instruction], [metadata]), 1, name)[0])
-        return edited[0].cpu(), total
+        return evaluation.edit_example(self, item, index, seed=seed)
 
     def edit_input(self, item, index: int):
-        """(image, mask, instruction, id, metadata) of a dataset item at the size the trainer edits it:
-        about resolution² pixels, the aspect kept unless `keep_aspect` is off."""
-        return example_at_resolution(item, index, self.config.resolution, edit_size=self.editor.edit_size,
-                                     keep_aspect=self.config.keep_aspect)
+        """(image, mask, instruction, id, metadata) of a dataset item at the size the trainer edits it."""
+        return self.rollouts.edit_input(item, index)
 
     def acd_text_weights(self, instruction: str, source: torch.Tensor | None = None) -> torch.Tensor | None:
         """The ACD text weights the trainer uses for `instruction` (config `acd_text_tokens`); `source`
         `[1, 3, H, W]` is needed for families whose text encoder sees the image."""
-        return self._text_conditioning(instruction, source).acd_weights
+        return self.rollouts.text_conditions(instruction, source).acd_weights
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
@@ -536,9 +393,9 @@ class RCGRPOTrainer:
         cfg = self.config
         is_main = self.accelerator.is_main_process
         if is_main:
-            _prepare_output_dir(self.output_dir)
+            prepare_run_directory(self.output_dir)
             clean_run_directory(self.output_dir)
-            write_run_info(self.output_dir, _SavedConfig(self.config), world_size=self.accelerator.num_processes,
+            write_run_info(self.output_dir, SavedConfig(self.config), world_size=self.accelerator.num_processes,
                            device=self.device, step=self.step)
         self.accelerator.wait_for_everyone()
         self.run_log.start(self.step)
@@ -558,7 +415,7 @@ class RCGRPOTrainer:
                     if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or evaluated:
                         self.run_log.log(metrics)
                     if is_main and cfg.sample_every and self.step % cfg.sample_every == 0:
-                        self._save_samples()
+                        evaluation.save_samples(self)
                     bar.update(1)
                     bar.set_postfix(progress_fields(metrics))
                     signum = self.collectives.max_int(self.stop.signum or 0)  # any rank's request stops all
@@ -586,116 +443,28 @@ class RCGRPOTrainer:
     stopped_by_signal: int | None = None
     """The signal (SIGINT/SIGTERM, on any rank) that ended the last `train()` early, or None."""
 
-    def _save_samples(self) -> None:
-        from ..io.images import image_grid, save_image
-        from .data import as_edit_example
-        from .report import save_example_heatmap, upscale_for_display
-
-        dataset = self.eval_dataset if self.eval_dataset is not None and len(self.eval_dataset) else self.train_dataset
-        tiles = []
-        for index in range(min(4, len(dataset))):
-            image, *_ = as_edit_example(dataset[index], index)
-            edited, _ = self.edit_example(dataset[index], index)
-            if image.shape[1:] != edited.shape[1:]:
-                image, _ = resize_example(image, torch.ones(image.shape[1:]), edited.shape[1])
-            tiles += [image, edited]
-        grid = image_grid([upscale_for_display(t, 128) for t in tiles], columns=2)
-        save_image(grid, self.output_dir / "samples" / f"step-{self.step:06d}.png")
-        images = {"samples/edits": _hwc_uint8(grid)}
-        if self.recorder is not None:
-            path = self.output_dir / "samples" / f"acd-step-{self.step:06d}.png"
-            save_example_heatmap(self, dataset[0], 0, path)
-            from ..io.images import load_image
-
-            images["samples/acd"] = _hwc_uint8(load_image(path))
-        self.run_log.log_images(images, self.step)
-
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (rcgrpo.train.state)
     def lora_state_dict(self) -> dict:
-        from peft.utils import get_peft_model_state_dict
-
-        return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
+        return lora_state_dict(self.transformer)
 
     def save_lora(self, directory, *, ema: bool = False) -> Path:
-        """Write `directory/pytorch_lora_weights.safetensors` in the diffusers format (atomically): the raw
-        LoRA, or its EMA with `ema=True`."""
-        with self.evaluation_weights(ema):
-            state = {k: v.clone() for k, v in self.lora_state_dict().items()}  # views of the swapped-in weights
-        return write_lora(directory, state, save=self.editor.save_lora)
+        """Write `directory/pytorch_lora_weights.safetensors` in the editor family's diffusers format
+        (atomically): the raw LoRA, or its EMA with `ema=True`."""
+        return state.save_lora(self, directory, ema=ema)
 
     def save_checkpoint(self) -> Path | None:
         """Write `output_dir/checkpoint-<step>/` completely or not at all (rank 0); keep the last N."""
-        self.accelerator.wait_for_everyone()
-        final = None
-        if self.accelerator.is_main_process:
-            state = {"step": self.step, "nonfinite_in_row": self.nonfinite_in_row,
-                     "skipped_groups": self.total_skipped[0], "skipped_examples": self.total_skipped[1],
-                     "reward_ema": self.reward_ema.state_dict(), "config": _config_for_saving(self.config)}
-            final = write_checkpoint(self.output_dir, self.step, lora_state=self.lora_state_dict(),
-                                     optimizer_state=self.optimizer.state_dict(),
-                                     scheduler_state=self.lr_scheduler.state_dict(), trainer_state=state,
-                                     ema_state=self.ema.state_dict() if self.ema is not None else None)
-            prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
-        return final
+        return state.save_checkpoint(self)
 
     def load_checkpoint(self, path) -> dict:
-        """Restore LoRA, optimizer, scheduler, RNG and step from a complete checkpoint directory.
-
-        The checkpoint's config is compared with this trainer's: a change of the model or the LoRA's
-        shape (`RESUME_FIXED`) is refused with ValueError; other changes (learning rate, max steps,
-        logging, ...) are applied and returned as {field: (saved, new)}.
-        """
-        from peft.utils import set_peft_model_state_dict
-
-        ckpt = read_checkpoint(path)
-        fixed, changed = resume_changes(ckpt.state.get("config", {}), self.config)
-        if fixed:
-            what = ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in fixed.items())
-            raise ValueError(f"--resume {str(ckpt.path)!r}: the checkpoint was trained with other settings that a "
-                             f"resume cannot change ({what}); start a new run instead")
-        result = set_peft_model_state_dict(self.transformer, ckpt.lora, adapter_name="default")
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"checkpoint {str(ckpt.path)!r} has LoRA keys this model lacks: {unexpected[:4]}")
-        for p in self.lora_parameters:
-            p.data = p.data.float()
-        if self.ema is not None:
-            if ckpt.ema is None:  # EMA switched on at resume: it starts at the checkpoint's weights
-                self.ema.reset()
-            else:
-                self.ema.load_state_dict(ckpt.ema["tensors"], ckpt.ema["updates"], source=f"checkpoint {str(ckpt.path)!r}")
-        self.optimizer.load_state_dict(ckpt.optimizer)
-        self.lr_scheduler.load_state_dict(ckpt.scheduler)
-        self._apply_optimizer_config()
-        set_rng_state(ckpt.rng)
-        self.step = int(ckpt.state["step"])
-        self.nonfinite_in_row = int(ckpt.state.get("nonfinite_in_row", 0))
-        self.total_skipped = [int(ckpt.state.get("skipped_groups", 0)), int(ckpt.state.get("skipped_examples", 0))]
-        self.reward_ema = MovingAverage(**ckpt.state.get("reward_ema", {}))
-        return changed
-
-    def _apply_optimizer_config(self) -> None:
-        """After loading optimizer and scheduler states, use this config's learning rate, betas and weight
-        decay (a saved optimizer state carries the old ones)."""
-        cfg = self.config
-        scheduler = self.lr_scheduler
-        scheduler.base_lrs = [cfg.learning_rate for _ in self.optimizer.param_groups]
-        factors = [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas] if hasattr(scheduler, "lr_lambdas") \
-            else [1.0] * len(self.optimizer.param_groups)
-        for group, factor in zip(self.optimizer.param_groups, factors):
-            group["lr"] = cfg.learning_rate * factor
-            group["initial_lr"] = cfg.learning_rate
-            group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
-            group["weight_decay"] = cfg.weight_decay
-        scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        """Restore LoRA, optimizer, scheduler, RNG and step from a complete checkpoint directory; a change of
+        the model or the LoRA's shape is refused, other changes are applied and returned (field → (saved, new))."""
+        return state.load_checkpoint(self, path)
 
     def resume(self, path=None) -> bool:
         """Load the checkpoint `path` (a `checkpoint-N` directory) or the newest complete one of the run
         directory `path` (default: the run's); False when the run has none. The config changes applied
         (field → (saved, new)) are in `self.resume_changes`."""
-        from .checkpoints import find_checkpoint
-
         target = Path(path) if path else self.output_dir
         if not path and not list_checkpoints(target):
             return False
@@ -703,54 +472,3 @@ class RCGRPOTrainer:
         return True
 
     resume_changes: dict = {}
-
-
-# ---------------------------------------------------------------------- helpers
-def _make_accelerator(config: RCGRPOConfig, output_dir: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    trackers = config.trackers()
-    check_trackers(trackers)
-    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
-    return Accelerator(cpu=cpu, log_with=trackers or None, project_config=project)
-
-
-def _prepare_output_dir(directory: Path) -> None:
-    """Create the run directory and check that files can be written in it."""
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"output directory {str(directory)!r} is a file")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise PermissionError(f"output directory {str(directory)!r} is not writable ({exc.strerror or exc})") from None
-
-
-class _SavedConfig:
-    """The config as written to the run directory (credentials redacted)."""
-
-    def __init__(self, config: RCGRPOConfig):
-        self.values = _config_for_saving(config)
-
-    def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.values, sort_keys=False)
-
-
-def _config_for_saving(config: RCGRPOConfig) -> dict:
-    from ..rewards.editscore import redact_url
-
-    values = config.to_dict()
-    if values.get("editscore_url"):
-        values["editscore_url"] = redact_url(values["editscore_url"])
-    return values
-
-
-def _hwc_uint8(image: torch.Tensor):
-    return (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype("uint8")
-
