@@ -197,7 +197,7 @@ def _cli(capsys, *argv):
         (["train", "--config", "{bad_yaml}"], "unknown keys"),
         (["train", "--preset", "tiny", "--output-dir", "{file_as_dir}"], "is not writable"),
         (["nonsense"], "invalid choice"),
-        (["edit", "--model", "{missing_model}"], "could not load FluxKontextPipeline weights"),
+        (["edit", "--model", "{missing_model}"], "no such directory"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, fragment):

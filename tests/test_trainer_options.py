@@ -394,7 +394,7 @@ def test_bad_values_of_the_new_fields(changes, message):
 def test_bad_new_flag_is_one_line_exit_2(tmp_path, capsys):
     assert cli_main(["train", "--preset", "tiny", "--ema-decay", "1.5", "--output-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "ema_decay" in err[0]
+    assert len(err) == 1 and "--ema-decay" in err[0]
 
 
 def test_minibench_eval_split_picks_the_evaluation_examples():

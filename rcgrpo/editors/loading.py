@@ -87,6 +87,9 @@ def editor_for_pipeline(pipe, defaults: ModelDefaults | None = None) -> Editor:
 def pipeline_class_of(model: str) -> str:
     """The `_class_name` of a local diffusers folder's or a hub id's `model_index.json`."""
     local = Path(model).expanduser()
+    if not local.exists() and model.startswith(("/", "./", "../", "~", ".\\")):
+        raise ValueError(f"--model {model!r}: no such directory (a local diffusers pipeline folder, or a hub id "
+                         "like black-forest-labs/FLUX.1-Kontext-dev)")
     try:
         if local.is_dir():
             import json
