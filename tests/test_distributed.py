@@ -22,7 +22,7 @@ import rcgrpo.train.state as state_module
 import rcgrpo.train.trainer as trainer_module
 from rcgrpo.train.config import preset
 from rcgrpo.data.synthetic import SquareDataset, redness_reward
-from rcgrpo.testing import tiny_kontext_pipeline
+from rcgrpo.testing import tiny_kontext_pipeline, tiny_qwen_editor
 
 spec = json.loads(sys.argv[1])
 rank = int(os.environ.get("RANK", "0"))
@@ -51,18 +51,22 @@ if spec.get("urls"):  # remote rewards: reward servers on 127.0.0.1 (rank dead_r
     rewards.append(("editscore", EditScorePool(urls, batch_size=3, timeout=30, unavailable_timeout=0.5,
                                                probe_interval=0.1)))
     weights.append(0.5)
+qwen = spec.get("model") == "tiny-qwen"  # the second editor family: 64 px (16-pixel tokens), 2 blocks
+size = 64 if qwen else 32
 cfg = preset("tiny", group_size=4, num_anchors=2, groups_per_step=spec["groups"], num_inference_steps=2,
              max_steps=spec.get("max_steps", 2), reward_funcs=[n for n, _ in rewards], reward_weights=weights,
              w_acd=0.5, acd_backend="torch", distance_backend="torch", checkpoint_every=0, sample_every=0,
              report_to="none", output_dir=str(out), train_size=4, max_grad_norm=0.0, skip_bad_examples=True,
-             log_policy_kl=True, **spec.get("config", {}))
-data = SquareDataset(4, size=32)
+             log_policy_kl=True, resolution=size, acd_layers=2 if qwen else 4,
+             **({"guidance_scale": 4.0} if qwen else {}), **spec.get("config", {}))
+data = SquareDataset(4, size=size)
 for i in spec.get("bad_examples", []):
     data.examples[i].mask = torch.zeros(32, 32)
 for i in spec.get("constant_examples", []):
     data.examples[i].metadata["constant"] = True
-held = SquareDataset(3, size=32, seed=99) if spec.get("config", {}).get("eval_every") else None
-tr = trainer_module.RCGRPOTrainer(tiny_kontext_pipeline(0), cfg, rewards, data, held)
+held = SquareDataset(3, size=size, seed=99) if spec.get("config", {}).get("eval_every") else None
+model = tiny_qwen_editor() if qwen else tiny_kontext_pipeline(0)
+tr = trainer_module.RCGRPOTrainer(model, cfg, rewards, data, held)
 tr.train()
 if tr.accelerator.is_main_process:
     torch.save(torch.cat([p.detach().reshape(-1) for p in tr.lora_parameters]), out / "lora_vector.pt")
@@ -113,9 +117,10 @@ COMPARED = ("reward_mean", "reward_std_within_group", "acd_mean", "background_dr
             "reference_reward_gap", "advantage_abs_mean", "policy_entropy", "pi_old_anchor")
 
 
-def test_two_processes_log_and_learn_what_one_process_with_two_groups_does(tmp_path):
-    run(tmp_path, {"out": str(tmp_path / "one" / "run"), "groups": 2}, nproc=1)
-    results = run(tmp_path, {"out": str(tmp_path / "two" / "run"), "groups": 1}, nproc=2)
+@pytest.mark.parametrize("model", ["tiny", "tiny-qwen"])
+def test_two_processes_log_and_learn_what_one_process_with_two_groups_does(tmp_path, model):
+    run(tmp_path, {"out": str(tmp_path / "one" / "run"), "groups": 2, "model": model}, nproc=1)
+    results = run(tmp_path, {"out": str(tmp_path / "two" / "run"), "groups": 1, "model": model}, nproc=2)
     assert [r["step"] for r in results] == [2, 2]
     one, two = _metrics(tmp_path / "one" / "run"), _metrics(tmp_path / "two" / "run")
     assert [r["step"] for r in two] == [1, 2] and [r["groups"] for r in two] == [2, 2]
