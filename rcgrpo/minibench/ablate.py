@@ -203,6 +203,16 @@ def _committed(path: Path) -> str | None:
     return log.stdout.strip()
 
 
+def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n − 1) of the values that are not None."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, sd
+
+
 def summarize(cfg: AblationConfig, base: dict, runs: list[dict]) -> dict:
     table = {"base": {m: {"mean": base["metrics"].get(m), "sd": None, "n": 1} for m in METRIC_KEYS}}
     for variant in cfg.variants:

@@ -66,13 +66,4 @@ def evaluate_edits(editor, spec, data_dir: Path, out_dir: Path) -> dict:
             "examples": len(rewards), "unavailable": results.get("unavailable", {})}
 
 
-def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, sd
-
-
 __all__ = ["METRIC_KEYS", "RandomReward", "evaluate_edits"]
