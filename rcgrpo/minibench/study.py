@@ -13,7 +13,9 @@ A study is a plan file (YAML, committed before its runs): common settings and na
 
 Every configuration is one run (`rcgrpo.minibench.runs`: its own one-thread process, resumable), plus
 the base model's evaluation; configurations can be appended to the plan and the study rerun: finished
-runs are kept. `results.json` / `results.md` list every configuration run, none dropped: its overrides,
+runs are kept. A plan may withdraw configurations it listed (`withdrawn: {name: reason}`, e.g. a stage
+stopped for time): they are not run, and stay in the tables with the reason and the learning curve their
+run directory reached. `results.json` / `results.md` list every configuration run, none dropped: its overrides,
 the final validation task reward and background PSNR (official CompBench metrics on the split) with the
 differences to the base, LC-T, the training diagnostics, the learning curve (validation task reward
 every `eval_every` steps on a second validation sample), and the wall time.
@@ -42,12 +44,18 @@ def read_plan(path) -> dict:
         raise ValueError(f"--plan {str(path)!r} is not valid YAML ({exc})") from None
     if not isinstance(plan, dict) or not isinstance(plan.get("configurations"), dict) or not plan["configurations"]:
         raise ValueError(f"--plan {str(path)!r}: expected a mapping with a non-empty 'configurations' mapping")
-    unknown = sorted(set(plan) - {"common", "eval", "seed", "configurations", "notes"})
+    unknown = sorted(set(plan) - {"common", "eval", "seed", "configurations", "notes", "withdrawn"})
     if unknown:
         raise ValueError(f"--plan {str(path)!r}: unknown keys {unknown}")
     for name, overrides in plan["configurations"].items():
         if not isinstance(overrides, dict):
             raise ValueError(f"--plan {str(path)!r}: configuration {name!r} must be a mapping of overrides")
+    withdrawn = plan.get("withdrawn") or {}
+    if not isinstance(withdrawn, dict) or any(not isinstance(v, str) or not v.strip() for v in withdrawn.values()):
+        raise ValueError(f"--plan {str(path)!r}: 'withdrawn' must map configuration names to a reason")
+    stray = sorted(set(withdrawn) - set(plan["configurations"]))
+    if stray:
+        raise ValueError(f"--plan {str(path)!r}: withdrawn {stray} are not configurations of the plan")
     return plan
 
 
@@ -85,7 +93,8 @@ def run_study(plan_path, output_dir, *, parallel: int = 2, log=print) -> dict:
     def partial(_spec, _result):  # rewrite the tables as each run lands
         write_results(plan, specs, out)
 
-    run_pool(specs, out, parallel=parallel, log=log, on_result=partial)
+    withdrawn = plan.get("withdrawn") or {}
+    run_pool([s for s in specs if s.name not in withdrawn], out, parallel=parallel, log=log, on_result=partial)
     results = write_results(plan, specs, out)
     results["wall_s"] = time.time() - started
     return results
@@ -96,16 +105,31 @@ def write_results(plan: dict, specs: list, out: Path) -> dict:
     from .runs import read_result
 
     base = read_result(out, specs[0])
+    withdrawn = plan.get("withdrawn") or {}
     rows = []
     for spec in specs[1:]:
         result = read_result(out, spec)
-        rows.append({"name": spec.name, "overrides": {k: v for k, v in spec.overrides.items()
-                                                      if (plan.get("common") or {}).get(k, STUDY_DEFAULTS.get(k)) != v},
-                     "result": result})
+        row = {"name": spec.name, "overrides": {k: v for k, v in spec.overrides.items()
+                                                if (plan.get("common") or {}).get(k, STUDY_DEFAULTS.get(k)) != v},
+               "result": result}
+        if spec.name in withdrawn and result is None:
+            row["withdrawn"] = withdrawn[spec.name]
+            row["partial"] = _partial_run(out / "runs" / spec.name)
+        rows.append(row)
     results = {"plan": plan, "base": base, "configurations": rows}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False))
     atomic_write_text(out / "results.md", format_study(results))
     return results
+
+
+def _partial_run(run_dir: Path) -> dict | None:
+    """Steps reached and learning curve of a run that was stopped (its metrics.jsonl), or None."""
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return {"steps": len(rows), "curve": [{"step": r["step"], **{k: r[k] for k in r if k.startswith("eval/")}}
+                                          for r in rows if any(k.startswith("eval/") for k in r)]}
 
 
 def _metric(result: dict | None, key: str, which: str = "eval"):
@@ -129,6 +153,11 @@ def format_study(results: dict) -> str:
               "within-std | approx_kl | wall min |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["configurations"]:
         r = row["result"]
+        if r is None and "withdrawn" in row:
+            reached = (row.get("partial") or {}).get("steps", 0)
+            lines.append(f"| {row['name']} | `{row['overrides']}` | withdrawn at step {reached}: {row['withdrawn']} "
+                         f"| | | | | | | | | |")
+            continue
         if r is None:
             lines.append(f"| {row['name']} | `{row['overrides']}` | pending | | | | | | | | | |")
             continue
@@ -149,7 +178,7 @@ def format_study(results: dict) -> str:
               + (f"; the base model scores {curve0:.4f} on it" if curve0 is not None else "") + "):", ""]
     for row in results["configurations"]:
         r = row["result"]
-        curve = (r or {}).get("train", {}).get("curve", [])
+        curve = (r or {}).get("train", {}).get("curve", []) or (row.get("partial") or {}).get("curve", [])
         if curve:
             points = ", ".join(f"{c['step']}: {c.get('eval/task_reward', float('nan')):.4f}" for c in curve)
             lines.append(f"- {row['name']}: {points}")
