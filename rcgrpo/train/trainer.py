@@ -114,6 +114,7 @@ class RCGRPOTrainer:
         self.phases = Phases()
         self.run_log = RunLog(self.output_dir, accelerator, _config_for_saving(config))
         self.pipe.to(self.device)
+        self.editor.configure(**config.editor_options())
         if config.vae_slicing:
             self.pipe.vae.enable_slicing()
         self._setup_lora()
