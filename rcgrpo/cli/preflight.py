@@ -163,7 +163,7 @@ def _peak(estimate, config) -> tuple[int, str]:
 
 def _train_flags(change: str) -> str:
     """The dry run's suggestion in `rcgrpo train` flags ("--group 48 (per device)" → "--group-size 48")."""
-    return change.replace("--group ", "--group-size ").replace(" (per device)", "")
+    return change.replace("--group ", "--group-size ").replace("--anchors ", "--num-anchors ").replace(" (per device)", "")
 
 
 def check_memory_fits(config, device, pipe=None, *, budget_bytes: int | None = None) -> None:

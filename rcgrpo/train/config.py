@@ -351,18 +351,20 @@ PRESETS: dict[str, dict] = {
     ),
     # One H100: Qwen-Image-Edit (20B MMDiT, Qwen2.5-VL-7B encoder) at 512 px edits of a source the model sees
     # at its stock 1024², true CFG 4 with the negative prompt " ". The 7B encoder stays in CPU memory between
-    # encodings, one train transition per backward (`rcgrpo dryrun --arch qwen-image-edit`; README recipe).
+    # encodings, states offloaded, one train transition per backward, CFG's passes one after the other and
+    # B = 2 anchors: estimated 65.5 GiB (`rcgrpo dryrun --arch qwen-image-edit --estimate-only`; B = 4 needs
+    # 91 GiB, or the source at 512², which the stock pipeline does not do).
     "qwen-edit-512": dict(
-        model="Qwen/Qwen-Image-Edit", resolution=512, max_sequence_length=128, group_size=12, num_anchors=4,
+        model="Qwen/Qwen-Image-Edit", resolution=512, max_sequence_length=128, group_size=12, num_anchors=2,
         num_inference_steps=28, train_timesteps="8", train_step_chunk=1, guidance_scale=4.0, negative_prompt=" ",
-        mixed_precision="bf16", gradient_checkpointing=True, offload_text_encoder=True, lora_rank=32,
-        lora_alpha=32.0, learning_rate=1e-4, reward_funcs=["background_psnr", "clip_lct"], max_steps=300,
-        checkpoint_every=25, sample_every=25,
+        mixed_precision="bf16", gradient_checkpointing=True, offload_text_encoder=True, offload_states=True,
+        cfg_batch=False, lora_rank=32, lora_alpha=32.0, learning_rate=1e-4,
+        reward_funcs=["background_psnr", "clip_lct"], max_steps=300, checkpoint_every=25, sample_every=25,
     ),
-    # One H100 at 1024 px: as qwen-edit-512, plus the states offloaded, true CFG's passes one after the
-    # other and the VAE decoding one candidate at a time.
+    # One H100 at 1024 px: as qwen-edit-512 with the VAE decoding one candidate at a time and B = 1 anchor:
+    # estimated 58.9 GiB (B = 2: 77.1 GiB of the 78 usable, too close to call without a GPU measurement).
     "qwen-edit-1024": dict(
-        model="Qwen/Qwen-Image-Edit", resolution=1024, max_sequence_length=128, group_size=12, num_anchors=4,
+        model="Qwen/Qwen-Image-Edit", resolution=1024, max_sequence_length=128, group_size=12, num_anchors=1,
         num_inference_steps=28, train_timesteps="8", train_step_chunk=1, guidance_scale=4.0, negative_prompt=" ",
         mixed_precision="bf16", gradient_checkpointing=True, offload_text_encoder=True, offload_states=True,
         cfg_batch=False, vae_slicing=True, lora_rank=32, lora_alpha=32.0, learning_rate=1e-4,
