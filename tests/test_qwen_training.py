@@ -83,3 +83,21 @@ def test_qwen_resume_continues_exactly_where_the_run_stopped(tmp_path):
         assert torch.equal(a, b)
     rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r["loss"] for r in rows(tmp_path / "split")] == [r["loss"] for r in rows(tmp_path / "straight")]
+
+
+def test_rcgrpo_train_command_runs_the_qwen_family(tmp_path, capsys):
+    """`rcgrpo train --model tiny-qwen`: through the CLI's memory pre-flight (Qwen-Image's memory model,
+    the loaded text encoder and source area) to a LoRA the stock loader reads."""
+    from diffusers import QwenImageEditPipeline
+
+    from rcgrpo.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--preset", "tiny", "--model", "tiny-qwen", "--resolution", str(SIZE), "--max-steps", "1",
+               "--output-dir", str(out), "--report-to", "none"])
+    assert rc in (0, None), capsys.readouterr().err
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    pipe = tiny_qwen_edit_pipeline()
+    assert isinstance(pipe, QwenImageEditPipeline)
+    pipe.load_lora_weights(str(out / "lora"))
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())

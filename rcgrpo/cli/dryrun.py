@@ -12,8 +12,15 @@ def main(argv: list[str], prog: str = "rcgrpo dryrun") -> int:
 
     settings = parse((DryRunSettings,), argv, prog, description=DESCRIPTION)
     settings.validate()
-    from ..dryrun.report import format_report, write_json
-    from ..dryrun.run import dry_run
+    from ..dryrun.report import format_estimate, format_report, write_json
+    from ..dryrun.run import dry_run, estimate_only
+
+    if settings.estimate_only:
+        report = estimate_only(settings)
+        print(format_estimate(report), flush=True)
+        if settings.json:
+            print(f"wrote {write_json(report, settings.json)}")
+        return 0
 
     report = dry_run(settings, log=lambda msg: print(msg, flush=True))
     print(format_report(report), flush=True)

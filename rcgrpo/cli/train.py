@@ -121,7 +121,8 @@ def main(argv: list[str], prog: str = "rcgrpo train") -> int:
     train_set, eval_set = build_datasets(config)
     rewards = reward_funcs_from_config(config)
     editor = load_editor(config.model, device=device, dtype=dtype)
-    check_memory_fits(config, editor.device, editor.pipe)  # the loaded architecture (tiny models, hub ids)
+    check_memory_fits(config, editor.device, editor.pipe,  # the loaded architecture (tiny models, hub ids)
+                      source_area=getattr(editor, "source_area", None))
     trainer = RCGRPOTrainer(editor, config, rewards, train_set, eval_set)
     main_process = trainer.accelerator.is_main_process
     if command.resume:

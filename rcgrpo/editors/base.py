@@ -19,6 +19,8 @@ The method (SPEC §3-7) sees an editor only through this interface, so the train
                                               diffusers format (stock `load_lora_weights` loads it)
     editor.attention_modules()                (name, module) of every joint attention, execution order
     editor.acd_processor(recorder, index)     the family's drop-in ACD attention processor
+    editor.configure(**options)               a training run's editor options (`RCGRPOConfig.editor_options()`):
+                                              text encoders kept off the device, the family's own options
 
 Layout of the joint attention sequence in every family: `[text (N_txt) | target image (N_img) |
 context/source image (N_ctx)]`; ACD's keys are the target tokens `N_txt .. N_txt + N_img − 1`.
@@ -26,6 +28,7 @@ Latents are packed tokens `[B, N_img, C]`; pixel masks become token masks on `to
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,10 +73,15 @@ class Editor(ABC):
     transformer_classes: ClassVar[tuple[str, ...]]  # diffusers transformer class names (for attach_acd)
     lora_targets: ClassVar[tuple[str, ...]]  # module names of the attention projections that get LoRA
     text_depends_on_image: ClassVar[bool] = False  # True when the text encoder also sees the source image
+    text_encoder_names: ClassVar[tuple[str, ...]] = ()  # pipeline attributes holding the text encoder(s)
+    # Options of `configure_family` with the value that means "the family's own behaviour": a family that
+    # has no use for an option refuses it only when it is set to something else.
+    FAMILY_OPTION_DEFAULTS: ClassVar[dict[str, Any]] = {"source_resolution": None, "cfg_batch": True}
 
     def __init__(self, pipe, defaults: ModelDefaults):
         self.pipe = pipe
         self.defaults = defaults
+        self.offload_text_encoder = False
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -94,6 +102,49 @@ class Editor(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.pipe).__name__}, {self.defaults})"
+
+    # ------------------------------------------------------------------ run options
+    def configure(self, *, offload_text_encoder: bool = False, **family_options) -> None:
+        """Apply a training run's editor options (`RCGRPOConfig.editor_options()`; the trainer calls this once
+        the pipeline is on its device).
+
+        offload_text_encoder: keep the text encoder(s) in CPU memory from now on; `encode_text` moves them to
+        the device for the encoding and back (`text_encoders_on_device`). The family's own options
+        (`source_resolution`, `cfg_batch`) go to `configure_family`."""
+        if not isinstance(offload_text_encoder, bool):
+            raise ValueError(f"config offload_text_encoder: expected True or False, got {offload_text_encoder!r}")
+        self.offload_text_encoder = offload_text_encoder
+        if offload_text_encoder:
+            for module in self.text_encoders():
+                module.to("cpu")
+        self.configure_family(**family_options)
+
+    def configure_family(self, **options) -> None:
+        """The family's options (see `FAMILY_OPTION_DEFAULTS`). This default takes none: an option set to
+        anything but its default is refused with the option's name."""
+        for name, value in options.items():
+            if name not in self.FAMILY_OPTION_DEFAULTS:
+                raise ValueError(f"unknown editor option {name!r}; known: {', '.join(self.FAMILY_OPTION_DEFAULTS)}")
+            if value != self.FAMILY_OPTION_DEFAULTS[name]:
+                raise ValueError(f"config {name} = {value!r}: not an option of {self.family} (leave it at "
+                                 f"{self.FAMILY_OPTION_DEFAULTS[name]!r}; Qwen-Image-Edit takes it)")
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The pipeline's text encoder modules (`text_encoder_names` that are set)."""
+        return [m for m in (getattr(self.pipe, name, None) for name in self.text_encoder_names) if m is not None]
+
+    @contextlib.contextmanager
+    def text_encoders_on_device(self):
+        """Inside: the text encoders on the editor's device. With `offload_text_encoder` they are moved there
+        on entry and back to CPU memory on exit; otherwise nothing moves."""
+        modules = self.text_encoders() if self.offload_text_encoder else []
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
 
     # ------------------------------------------------------------------ geometry
     @property

@@ -38,6 +38,17 @@ class RCGRPOConfig:
     # --- model and data
     model: str = _doc("FLUX.1-Kontext pipeline: 'tiny' (random offline test model), 'tiny-editor' (the pretrained "
                       "tiny MiniBench editor), a local diffusers directory or a hub id", default="tiny")
+    source_resolution: Optional[int] = _doc(
+        "Qwen-Image-Edit: side in pixels of the source image's area as the VAE (and QwenImageEditPipeline's "
+        "vision-language encoder) sees it; unset: the pipelines' 1024² whatever the edit size (4096 source tokens "
+        "in every transformer call). Smaller is cheaper but is not what the stock pipeline feeds at inference",
+        default=None)
+    cfg_batch: bool = _doc("Qwen-Image-Edit's true CFG: the conditional and the unconditional pass in one "
+                           "transformer call (faster); off: two calls (lower peak memory)", default=True)
+    offload_text_encoder: bool = _doc("keep the text encoder(s) in CPU memory, on the device only while an "
+                                      "instruction is encoded (once each with cache_text_embeddings): frees their "
+                                      "weights (Qwen2.5-VL-7B: 15.4 GiB in bf16) for the rest of the step",
+                                      default=False)
     dataset: str = _doc("'squares' (built-in toy task), 'minibench' (procedural MiniBench train split) or a "
                         "CompBench-format directory", default="squares")
     train_size: int = _doc("examples in the built-in training sets", default=16)
@@ -190,6 +201,8 @@ class RCGRPOConfig:
         need(self.num_inference_steps >= 1, "num_inference_steps", "an int ≥ 1")
         need(self.resolution >= 16 and self.resolution % 16 == 0, "resolution", "a multiple of 16")
         need(self.max_sequence_length >= 1, "max_sequence_length", "an int ≥ 1")
+        need(self.source_resolution is None or (self.source_resolution >= 64 and self.source_resolution % 32 == 0),
+             "source_resolution", "unset or a multiple of 32 ≥ 64 (the pipelines round sizes to 32 px)")
         for name in ("alpha_edit", "alpha_base"):
             need(0.0 <= getattr(self, name) <= 1.0, name, "a value in [0, 1]")
         need(self.global_sigma is None or 0.0 <= self.global_sigma <= 1.0, "global_sigma", "unset or a value in [0, 1]")
@@ -227,6 +240,11 @@ class RCGRPOConfig:
         need(all(t in REPORT_TO for t in trackers) and ("none" not in trackers or len(trackers) == 1), "report_to",
              f"one or more of {', '.join(REPORT_TO[:-1])} (comma-separated), or none")
         self.train_timestep_indices(self.num_inference_steps)  # raises on a bad spec
+
+    def editor_options(self) -> dict:
+        """The options `Editor.configure` takes (the trainer applies them to its editor)."""
+        return dict(offload_text_encoder=self.offload_text_encoder, source_resolution=self.source_resolution,
+                    cfg_batch=self.cfg_batch)
 
     def trackers(self) -> list[str]:
         """The trackers of `report_to` ([] for "none")."""
@@ -359,6 +377,27 @@ PRESETS: dict[str, dict] = {
         model="black-forest-labs/FLUX.1-Kontext-dev", resolution=1024, group_size=12, num_anchors=4,
         num_inference_steps=28, train_timesteps="8", train_step_chunk=2, mixed_precision="bf16",
         gradient_checkpointing=True, offload_states=True, vae_slicing=True, lora_rank=32, lora_alpha=32.0, learning_rate=1e-4,
+        reward_funcs=["background_psnr", "clip_lct"], max_steps=300, checkpoint_every=25, sample_every=25,
+    ),
+    # One H100: Qwen-Image-Edit (20B MMDiT, Qwen2.5-VL-7B encoder) at 512 px edits of a source the model sees
+    # at its stock 1024², true CFG 4 with the negative prompt " ". The 7B encoder stays in CPU memory between
+    # encodings, states offloaded, one train transition per backward, CFG's passes one after the other and
+    # B = 2 anchors: estimated 65.5 GiB (`rcgrpo dryrun --arch qwen-image-edit --estimate-only`; B = 4 needs
+    # 91 GiB, or the source at 512², which the stock pipeline does not do).
+    "qwen-edit-512": dict(
+        model="Qwen/Qwen-Image-Edit", resolution=512, max_sequence_length=128, group_size=12, num_anchors=2,
+        num_inference_steps=28, train_timesteps="8", train_step_chunk=1, guidance_scale=4.0, negative_prompt=" ",
+        mixed_precision="bf16", gradient_checkpointing=True, offload_text_encoder=True, offload_states=True,
+        cfg_batch=False, lora_rank=32, lora_alpha=32.0, learning_rate=1e-4,
+        reward_funcs=["background_psnr", "clip_lct"], max_steps=300, checkpoint_every=25, sample_every=25,
+    ),
+    # One H100 at 1024 px: as qwen-edit-512 with the VAE decoding one candidate at a time and B = 1 anchor:
+    # estimated 58.9 GiB (B = 2: 77.1 GiB of the 78 usable, too close to call without a GPU measurement).
+    "qwen-edit-1024": dict(
+        model="Qwen/Qwen-Image-Edit", resolution=1024, max_sequence_length=128, group_size=12, num_anchors=1,
+        num_inference_steps=28, train_timesteps="8", train_step_chunk=1, guidance_scale=4.0, negative_prompt=" ",
+        mixed_precision="bf16", gradient_checkpointing=True, offload_text_encoder=True, offload_states=True,
+        cfg_batch=False, vae_slicing=True, lora_rank=32, lora_alpha=32.0, learning_rate=1e-4,
         reward_funcs=["background_psnr", "clip_lct"], max_steps=300, checkpoint_every=25, sample_every=25,
     ),
 }

@@ -91,6 +91,7 @@ class RCGRPOTrainer:
         self.stop = StopRequest()
         self.run_log = RunLog(self.output_dir, accelerator, config_for_saving(config))
         self.pipe.to(self.device)
+        self.editor.configure(**config.editor_options())
         if config.vae_slicing:
             self.pipe.vae.enable_slicing()
         self.lora_parameters = add_lora(self.transformer, config)

@@ -40,6 +40,7 @@ class FluxKontextEditor(Editor):
     transformer_classes = ("FluxTransformer2DModel",)
     # single-stream blocks hold only to_q/to_k/to_v: peft adapts the names that exist
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    text_encoder_names = ("text_encoder", "text_encoder_2")
 
     def __init__(self, pipe, defaults: ModelDefaults | None = None):
         if not any(cls.__name__ in self.pipeline_classes for cls in type(pipe).__mro__):
@@ -75,7 +76,8 @@ class FluxKontextEditor(Editor):
         """The pipeline's own prompt embeddings of `instruction` (the image plays no part) and the T5
         attention mask of the instruction as ACD text weights (None with acd_text_tokens='all')."""
         _no_negative_prompt(negative_prompt)
-        embeds, pooled = encode_prompt(self.pipe, instruction, max_sequence_length, self.device)
+        with self.text_encoders_on_device():
+            embeds, pooled = encode_prompt(self.pipe, instruction, max_sequence_length, self.device)
         weights = acd_text_weights(self.pipe, instruction, max_sequence_length, acd_text_tokens)
         return FluxTextConditions(embeds, pooled, weights)
 

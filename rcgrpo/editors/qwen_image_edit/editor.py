@@ -41,6 +41,7 @@ class QwenImageEditor(Editor):
     transformer_classes = ("QwenImageTransformer2DModel",)
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     text_depends_on_image = True
+    text_encoder_names = ("text_encoder",)
 
     def __init__(self, pipe, defaults: ModelDefaults | None = None, *, source_area: int = STOCK_SOURCE_AREA,
                  condition_area: int = STOCK_CONDITION_AREA, cfg_batch: bool = True):
@@ -61,6 +62,17 @@ class QwenImageEditor(Editor):
     @classmethod
     def family_defaults(cls) -> ModelDefaults:
         return QWEN_IMAGE_EDIT_DEFAULTS
+
+    def configure_family(self, *, source_resolution: int | None = None, cfg_batch: bool = True) -> None:
+        """A run's options: `source_resolution` (side of the source area, None: keep this editor's, the
+        pipelines' 1024² unless constructed otherwise) and `cfg_batch` (the config decides)."""
+        if source_resolution is not None:
+            if isinstance(source_resolution, bool) or not isinstance(source_resolution, int) or source_resolution < 32:
+                raise ValueError(f"config source_resolution: expected an int ≥ 32 (pixels), got {source_resolution!r}")
+            self.source_area = source_resolution * source_resolution
+        if not isinstance(cfg_batch, bool):
+            raise ValueError(f"config cfg_batch: expected True or False, got {cfg_batch!r}")
+        self.cfg_batch = cfg_batch
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -99,8 +111,10 @@ class QwenImageEditor(Editor):
                 raise ValueError("encode_text: Qwen-Image-Edit encodes the instruction together with the source "
                                  "image; pass image")
             source = self.prepare_source(image, source_area=source_area)
-        return encode_text(self.pipe, instruction, source.vl_input(self.plus), max_sequence_length=max_sequence_length,
-                           acd_text_tokens=acd_text_tokens, negative_prompt=negative_prompt, vl_size=source.vl_size)
+        with self.text_encoders_on_device():
+            return encode_text(self.pipe, instruction, source.vl_input(self.plus),
+                               max_sequence_length=max_sequence_length, acd_text_tokens=acd_text_tokens,
+                               negative_prompt=negative_prompt, vl_size=source.vl_size)
 
     def text_cache_key(self, instruction: str, image, **settings) -> tuple:
         settings.setdefault("source_area", self.source_area)
