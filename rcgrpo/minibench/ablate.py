@@ -270,7 +270,8 @@ DIGITS = {"task_reward": 4, "LC-I": 4, "LC-T": 2, "PSNR": 2, "SSIM": 4, "LPIPS":
 
 
 def format_markdown(results: dict) -> str:
-    p = results["protocol"]
+    # the settings in force: the regime file's overrides over the ablation's defaults
+    p = {**results["protocol"], **(results["protocol"].get("regime_overrides") or {})}
     cols = list(METRIC_KEYS) + [f"train/{k}" for k in TRAIN_KEYS]
     lines = ["# MiniBench ablation (Table 2, Fig. 5)", "",
              f"Base `{p['model']}`; {len(p['seeds'])} seeds ({', '.join(map(str, p['seeds']))}); "
@@ -280,7 +281,9 @@ def format_markdown(results: dict) -> str:
              f"w_acd {p['w_acd']} (rdp_acd). Held-out: {3 * p['eval_per_task']} MiniBench examples of the "
              f"{p.get('eval_split', 'heldout')} split "
              f"(seed {p['eval_seed']}), metrics at {p['eval_size']} px as CompBench computes them, CLIP "
-             f"`{p['clip_model']}`. Train columns: means over steps of the training logs.", "",
+             f"`{p['clip_model']}`. Train columns: means over steps of the training logs."
+             + (f" Regime (`{p['regime']}`, commit {str(p.get('protocol_commit'))[:10]}): "
+                f"`{results['protocol']['regime_overrides']}`." if p.get("regime") else ""), "",
              "| variant | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for variant, entry in results["table"].items():
         cells = [_cell(entry[c], DIGITS[c]) if c in entry else "—" for c in cols]
