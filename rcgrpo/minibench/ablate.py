@@ -45,8 +45,8 @@ from .scoring import METRIC_KEYS, RandomReward, evaluate_edits  # noqa: F401 - p
 
 VARIANTS = ("global", "rdp", "rdp_acd", "random_reward")
 TRAIN_KEYS = ("reward_std_within_group", "background_drift")
-PAIRS = (("rdp", "global"), ("rdp_acd", "rdp"), ("rdp_acd", "base"), ("rdp", "random_reward"),
-         ("rdp_acd", "random_reward"))
+PAIRS = (("rdp", "base"), ("rdp", "global"), ("rdp", "random_reward"), ("rdp_acd", "rdp"), ("rdp_acd", "base"),
+         ("rdp_acd", "random_reward"), ("global", "base"), ("random_reward", "base"))
 
 
 def _opt(default, text: str, **kwargs):
