@@ -213,6 +213,20 @@ def test_edit_output_size_choice_is_checked(tmp_path, capsys, no_model):
 # 3. NaN and ±inf: refused while parsing, naming the option, key or LoRA tensor
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv,flag", [
+    (["--deadline", "nan"], "--deadline"),
+    (["--max-request-mb", "inf"], "--max-request-mb"),
+    (["--editscore-temperature", "nan"], "--editscore-temperature"),
+])
+def test_reward_server_refuses_non_finite_numbers(capsys, argv, flag):
+    from rcgrpo.rewards.server_cli import main as server_main
+
+    # --port 70000: were the number let through, the run stops at the port (a failure here, not a server)
+    rc = server_main([*argv, "--scorer", "rcgrpo.rewards.latency_scorer:score", "--port", "70000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and flag in err[0] and "finite" in err[0] and "Traceback" not in err[0], err
+
+
+@pytest.mark.parametrize("argv,flag", [
     (["edit", "--guidance-scale", "nan"], "--guidance-scale"),
     (["edit", "--alpha-edit", "inf"], "--alpha-edit"),
     (["edit", "--global-sigma=-inf"], "--global-sigma"),

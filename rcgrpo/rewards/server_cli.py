@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from .protocol import MiB, RequestLimits
@@ -111,6 +112,10 @@ class RewardServerOptions:
                               max_queue=self.max_queue, backlog=self.backlog, verbose=self.verbose).validate()
 
     def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{f.name.replace('_', '-')} {value}: expected a finite number")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         self.limits()
