@@ -11,9 +11,10 @@ Protocol (fixed before any run; the defaults of `AblationConfig`):
 - seeds 0, 1, 2 (each seed sets the training data order, noises and anchors; variants of one seed
   see the same data, so differences are paired by seed);
 - budget: 60 optimizer steps per run, 2 groups of G = 8 candidates per step, B = 4 anchors, T = 8 Euler
-  steps with the first 4 transitions trained, LoRA rank 8, AdamW lr 5e-4, α_edit 0.3 (σ of global),
-  α_base 0.02, w_acd 0.5 (the `minibench` preset otherwise); chosen from a 3-step timing pilot
-  (about 1 s per step here), before any ablation result was seen;
+  steps with the first 4 transitions trained, LoRA rank 8, AdamW lr 5e-4, α_edit of the preset (σ of
+  global; 0.3 until the 2026-12-07 study chose 0.6), α_base 0.02, w_acd 0.5 (the `minibench` preset
+  otherwise); the 60-step budget was chosen from a 3-step timing pilot before any ablation result was
+  seen (the confirmatory run's regime file overrides budget and α_edit);
 - evaluation: the base editor and every run on one held-out MiniBench set in the CompBench layout
   (`write_minibench` of `eval_split`, default the val split, seed 0), generated with the same seed: CompBench's official metrics
   (`rcgrpo.eval`: LC-I and LC-T with the shipped tiny CLIP, background PSNR, SSIM; LPIPS when its
