@@ -16,6 +16,9 @@ seed: 0
 configurations:
   small_alpha: {alpha_edit: 0.3}
   ema: {alpha_edit: 0.9, ema_decay: 0.5}
+  stopped: {alpha_edit: 0.6}
+withdrawn:
+  stopped: stopped for time
 """
 
 
@@ -23,11 +26,20 @@ def test_reduced_study_runs_every_configuration_once_and_keeps_finished_runs(tmp
     plan = tmp_path / "plan.yaml"
     plan.write_text(PLAN)
     out = tmp_path / "study"
+    partial = out / "runs" / "stopped"  # a withdrawn configuration's run, stopped after 3 steps
+    partial.mkdir(parents=True)
+    (partial / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "reward_mean": 0.5,
+                                                               **({"eval/task_reward": 0.6} if i == 2 else {})}) + "\n"
+                                                   for i in (1, 2, 3)))
     assert cli_main(["study", "--plan", str(plan), "--output-dir", str(out), "--parallel", "2"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["base"]["eval"]["metrics"]["task_reward"] is not None
     rows = {r["name"]: r for r in results["configurations"]}
-    assert set(rows) == {"small_alpha", "ema"}
+    assert set(rows) == {"small_alpha", "ema", "stopped"}
+    stopped = rows.pop("stopped")  # withdrawn: listed with its reason and partial curve, never run
+    assert stopped["result"] is None and stopped["withdrawn"] == "stopped for time"
+    assert stopped["partial"] == {"steps": 3, "curve": [{"step": 2, "eval/task_reward": 0.6}]}
+    assert not (partial / "result.json").exists() and not (partial / "spec.json").exists()
     for row in rows.values():
         assert row["result"]["train"]["steps"] == 2
         assert [c["step"] for c in row["result"]["train"]["curve"]] == [1, 2]
@@ -37,6 +49,8 @@ def test_reduced_study_runs_every_configuration_once_and_keeps_finished_runs(tmp
     assert rows["ema"]["overrides"] == {"alpha_edit": 0.9, "ema_decay": 0.5}
     table = (out / "results.md").read_text()
     assert "| small_alpha |" in table and "| ema |" in table and "Learning curves" in table
+    assert "| stopped | `{'alpha_edit': 0.6}` | withdrawn at step 3: stopped for time |" in table
+    assert "- stopped: 2: 0.6000" in table
     stamp = (out / "runs" / "ema" / "result.json").stat().st_mtime_ns
     # a second call finds every run finished and reruns none
     assert cli_main(["study", "--plan", str(plan), "--output-dir", str(out), "--parallel", "1"]) == 0
@@ -54,6 +68,12 @@ def test_plan_checks_refuse_bad_plans_before_any_run(tmp_path):
     bad.write_text("eval: {split: test}\nconfigurations: {x: {}}\n")
     with pytest.raises(ValueError, match="validation split"):
         plan_specs(read_plan(bad))
+    bad.write_text("configurations: {x: {}}\nwithdrawn: {y: time}\n")
+    with pytest.raises(ValueError, match=r"withdrawn \['y'\]"):
+        read_plan(bad)
+    bad.write_text("configurations: {x: {}}\nwithdrawn: {x: ''}\n")
+    with pytest.raises(ValueError, match="reason"):
+        read_plan(bad)
     bad.write_text("configurations: []\n")
     with pytest.raises(ValueError, match="configurations"):
         read_plan(bad)
