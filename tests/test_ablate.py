@@ -54,3 +54,32 @@ def test_paired_differences_are_by_seed():
     d = res["paired"]["rdp - global"]["task_reward"]
     assert d["per_seed"] == pytest.approx([0.1, 0.1, 0.2]) and d["mean"] == pytest.approx(4 / 30)
     assert res["table"]["rdp"]["task_reward"]["mean"] == pytest.approx(1 / 3)
+
+
+def test_the_test_split_needs_a_committed_unchanged_regime_file(tmp_path):
+    """The confirmatory run's protocol is fixed in a commit first: the test split is refused while the regime
+    file is untracked or modified, and the results record the commit that last changed it."""
+    import subprocess
+
+    from rcgrpo.minibench.ablate import protocol_record
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    regime = tmp_path / "regime.yaml"
+    regime.write_text("alpha_edit: 0.6\nmax_steps: 3\n")
+    cfg = AblationConfig(regime=str(regime), eval_split="test")
+    with pytest.raises(ValueError, match="commit the --regime file"):
+        protocol_record(cfg)  # untracked
+    git("add", "regime.yaml")
+    git("commit", "-qm", "protocol")
+    record = protocol_record(cfg)
+    assert record["protocol_commit"] == git("rev-parse", "HEAD") and record["split"] == "test"
+    assert record["test_examples"] == 3 * cfg.eval_per_task
+    assert record["regime_overrides"] == {"alpha_edit": 0.6, "max_steps": 3}
+    regime.write_text("alpha_edit: 0.9\nmax_steps: 3\n")  # changed after the commit
+    with pytest.raises(ValueError, match="commit the --regime file"):
+        protocol_record(cfg)
+    assert protocol_record(AblationConfig(regime=str(regime)))["split"] == "val"  # val: no commit needed
