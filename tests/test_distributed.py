@@ -70,7 +70,11 @@ tr = trainer_module.RCGRPOTrainer(model, cfg, rewards, data, held)
 tr.train()
 if tr.accelerator.is_main_process:
     torch.save(torch.cat([p.detach().reshape(-1) for p in tr.lora_parameters]), out / "lora_vector.pt")
-print("RESULT " + json.dumps({"rank": rank, "step": tr.step, "stopped": tr.stopped_by_signal}), flush=True)
+# one file per rank: the ranks share torchrun's stdout, where their lines can interleave
+result = json.dumps({"rank": rank, "step": tr.step, "stopped": tr.stopped_by_signal})
+out.parent.mkdir(parents=True, exist_ok=True)
+(out.parent / f"result-rank{rank}.json.tmp").write_text(result)
+os.replace(out.parent / f"result-rank{rank}.json.tmp", out.parent / f"result-rank{rank}.json")
 '''
 
 
@@ -98,12 +102,14 @@ def run(tmp_path, spec, *, nproc):
     proc = subprocess.run(_torchrun(tmp_path, spec, nproc=nproc), env=_env(), capture_output=True, text=True,
                           timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return _results(proc.stdout)
+    results = _results(Path(spec["out"]).parent)
+    assert [r["rank"] for r in results] == list(range(nproc)), proc.stderr[-4000:]
+    return results
 
 
-def _results(stdout: str) -> list[dict]:
-    return sorted((json.loads(line.split("RESULT ", 1)[1]) for line in stdout.splitlines() if "RESULT " in line),
-                  key=lambda r: r["rank"])
+def _results(run_parent: Path) -> list[dict]:
+    """What each rank's worker reported at its end, in rank order."""
+    return sorted((json.loads(p.read_text()) for p in run_parent.glob("result-rank*.json")), key=lambda r: r["rank"])
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -199,7 +205,7 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert [r["step"] for out in outputs for r in _results(out)] == [2, 2]
+    assert len(outputs) == 2 and [r["step"] for r in _results(tmp_path / "nodes")] == [2, 2]
     run(tmp_path, {"out": str(tmp_path / "single" / "run"), "groups": 1}, nproc=2)
     nodes = torch.load(tmp_path / "nodes" / "run" / "lora_vector.pt", weights_only=True)
     single = torch.load(tmp_path / "single" / "run" / "lora_vector.pt", weights_only=True)
