@@ -87,3 +87,20 @@ def test_a_result_written_for_another_spec_is_not_reused(tmp_path):
     assert read_result(tmp_path, spec) is None
     (tmp_path / "runs" / "a" / "result.json").write_text(json.dumps({"spec": spec.to_dict(), "x": 1}))
     assert read_result(tmp_path, spec)["x"] == 1
+
+
+def test_a_curve_of_another_training_reward_says_so():
+    """The learning curve scores each run's training reward; a run trained on a mixture is labelled."""
+    from rcgrpo.minibench.study import format_study
+
+    def withdrawn(name, overrides):
+        return {"name": name, "overrides": overrides, "result": None, "withdrawn": "for time",
+                "partial": {"steps": 2, "curve": [{"step": 2, "eval/task_reward": 1.5}]}}
+
+    results = {"plan": {}, "base": None, "configurations": [
+        withdrawn("mixed", {"reward_funcs": ["minibench", "background_psnr"], "reward_weights": [1.0, 0.03]}),
+        withdrawn("plain", {"alpha_edit": 0.6})]}
+    lines = {line.split(":")[0]: line for line in format_study(results).splitlines() if line.startswith("- ")}
+    assert lines["- mixed"].endswith("(this run's training reward, 1 × minibench + 0.03 × background_psnr: "
+                                     "not on the task reward's scale)")
+    assert lines["- plain"] == "- plain: 2: 1.5000"

@@ -181,8 +181,18 @@ def format_study(results: dict) -> str:
         curve = (r or {}).get("train", {}).get("curve", []) or (row.get("partial") or {}).get("curve", [])
         if curve:
             points = ", ".join(f"{c['step']}: {c.get('eval/task_reward', float('nan')):.4f}" for c in curve)
-            lines.append(f"- {row['name']}: {points}")
+            lines.append(f"- {row['name']}: {points}{_curve_reward_note({**(plan.get('common') or {}), **row['overrides']})}")
     return "\n".join(lines) + "\n"
+
+
+def _curve_reward_note(overrides: dict) -> str:
+    """The learning curve scores the run's own training reward: say so where that is not the task reward."""
+    funcs = list(overrides.get("reward_funcs") or ["minibench"])
+    weights = list(overrides.get("reward_weights") or [1.0] * len(funcs))
+    if funcs == ["minibench"] and weights == [1.0]:
+        return ""
+    terms = " + ".join(f"{w:g} × {f}" for f, w in zip(funcs, weights))
+    return f" (this run's training reward, {terms}: not on the task reward's scale)"
 
 
 __all__ = ["format_study", "plan_specs", "read_plan", "run_study", "write_results"]
