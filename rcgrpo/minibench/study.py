@@ -181,15 +181,20 @@ def format_study(results: dict) -> str:
         curve = (r or {}).get("train", {}).get("curve", []) or (row.get("partial") or {}).get("curve", [])
         if curve:
             points = ", ".join(f"{c['step']}: {c.get('eval/task_reward', float('nan')):.4f}" for c in curve)
-            lines.append(f"- {row['name']}: {points}{_curve_reward_note({**(plan.get('common') or {}), **row['overrides']})}")
+            note = _curve_reward_note({**(plan.get('common') or {}), **row['overrides']})
+            lines.append(f"- {row['name']}: {points}{note}")
     return "\n".join(lines) + "\n"
 
 
 def _curve_reward_note(overrides: dict) -> str:
-    """The learning curve scores the run's own training reward: say so where that is not the task reward."""
-    funcs = list(overrides.get("reward_funcs") or ["minibench"])
+    """The learning curve scores the run's own training reward: say so where that is not the `minibench`
+    preset's (the task reward)."""
+    from ..train.config import preset
+
+    task = preset("minibench")
+    funcs = list(overrides.get("reward_funcs", task.reward_funcs))
     weights = list(overrides.get("reward_weights") or [1.0] * len(funcs))
-    if funcs == ["minibench"] and weights == [1.0]:
+    if funcs == list(task.reward_funcs) and weights == list(task.reward_weights or [1.0] * len(funcs)):
         return ""
     terms = " + ".join(f"{w:g} × {f}" for f, w in zip(funcs, weights))
     return f" (this run's training reward, {terms}: not on the task reward's scale)"
